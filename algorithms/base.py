@@ -1,0 +1,109 @@
+"""The algorithm plugin interface. The round loop (bench/simulator.py) calls these hooks; an algorithm never
+loops over rounds or clients itself, and never measures its own costs."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+
+import torch
+
+from bench.errors import UserError
+
+if TYPE_CHECKING:
+    from bench.simulator import Client, RunContext
+
+Payload = dict[str, torch.Tensor]
+
+
+@dataclass
+class NoHyperparams:
+    """This algorithm has no hyper-parameters beyond the run's training settings."""
+
+
+class Algorithm:
+    name: ClassVar[str]                   # registry name, e.g. "pfedlora"
+    description: ClassVar[str] = ""
+    Hyperparams: ClassVar[type] = NoHyperparams
+    homogeneous_only: ClassVar[bool] = False  # needs every client on the same architecture (FedAvg)
+    # True when predictions depend on server state (FedAvg's global model): then every client is
+    # re-evaluated each round; otherwise only the clients whose state changed (the sampled ones).
+    prediction_uses_server_state: ClassVar[bool] = False
+
+    def __init__(self, ctx: "RunContext", hp: Any):
+        self.ctx = ctx
+        self.hp = hp
+
+    @classmethod
+    def make_hparams(cls, overrides: Mapping[str, Any] | None = None) -> Any:
+        """The typed hyper-parameters with overrides applied; a bad key or type is a UserError."""
+        fields = {f.name: f for f in dataclasses.fields(cls.Hyperparams)}
+        values = {}
+        for key, value in (overrides or {}).items():
+            if key not in fields:
+                valid = ", ".join(fields) or "none"
+                raise UserError(f"unknown hyper-parameter {cls.name}.{key}; valid: {valid}")
+            default = fields[key].default
+            if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if default is not None and default is not dataclasses.MISSING and type(value) is not type(default):
+                raise UserError(f"{cls.name}.{key} must be {type(default).__name__}, got {value!r}")
+            values[key] = value
+        hp = cls.Hyperparams(**values)
+        check = getattr(hp, "validate", None)
+        if check is not None:
+            check()
+        return hp
+
+    @classmethod
+    def estimated_cost(cls, hp: Any, cfg: Any) -> float:
+        """Rough training cost per round relative to Standalone; used only for the up-front time estimate."""
+        return 1.0
+
+    # ---- hooks -------------------------------------------------------------------------------
+    def init_server(self) -> None:
+        """Create the server state (called once, after every client is initialised)."""
+
+    def init_client(self, client: "Client") -> None:
+        """Fill client.state with the client's personal state (private model, ...)."""
+        raise NotImplementedError
+
+    def server_payload(self, client: "Client", round_index: int) -> Payload:
+        """What the server sends to a sampled client at the start of a round (0-based round_index)."""
+        return {}
+
+    def client_update(self, client: "Client", payload: Payload, round_index: int) -> Payload:
+        """Local training; keeps personal state in client.state and returns the upload."""
+        raise NotImplementedError
+
+    def aggregate(self, uploads: dict[int, Payload], round_index: int) -> None:
+        """Server update from the uploads of the sampled clients (keyed by client id)."""
+
+    def predict(self, client: "Client", x: torch.Tensor) -> torch.Tensor:
+        """Personalised logits for client `client` (called under no_grad)."""
+        return client.state["model"](x)
+
+
+def weighted_average(uploads: dict[int, Payload], weights: Mapping[int, float]) -> Payload:
+    """Per-tensor average of the uploads weighted by weights[client id] (n_k, SPEC)."""
+    ids = list(uploads)
+    total = float(sum(weights[i] for i in ids))
+    first = uploads[ids[0]]
+    out = {}
+    for name, tensor in first.items():
+        w = torch.tensor([weights[i] / total for i in ids], dtype=torch.float32, device=tensor.device)
+        stacked = torch.stack([uploads[i][name].float() for i in ids])
+        out[name] = torch.tensordot(w, stacked, dims=1).to(tensor.dtype)
+    return out
+
+
+def state_payload(module: torch.nn.Module, prefix: str = "") -> Payload:
+    """A module's parameters and buffers as a payload (the simulator copies it on transmission)."""
+    return {prefix + name: tensor for name, tensor in module.state_dict().items()}
+
+
+def load_payload(module: torch.nn.Module, payload: Payload, prefix: str = "") -> None:
+    """Copy payload tensors named prefix+<state key> into the module, in place."""
+    with torch.no_grad():
+        for name, tensor in module.state_dict().items():
+            tensor.copy_(payload[prefix + name])

@@ -1,0 +1,22 @@
+"""Standalone: each client trains only its own model; nothing is shared (the lower reference point)."""
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from algorithms.base import Algorithm, Payload
+from bench.registry import register
+
+
+@register
+class Standalone(Algorithm):
+    name = "standalone"
+    description = "each client trains its own model alone; nothing is communicated"
+
+    def init_client(self, client) -> None:
+        client.state["model"] = self.ctx.build_model(client.arch)
+
+    def client_update(self, client, payload: Payload, round_index: int) -> Payload:
+        model = client.state["model"].train()
+        self.ctx.train(client, [model], lambda x, y: F.cross_entropy(model(x), y), self.ctx.cfg.local_epochs,
+                       phase="local")
+        return {}

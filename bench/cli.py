@@ -1,0 +1,112 @@
+"""The `bench` command line. User mistakes print one line and exit with code 2 (`--debug` shows the traceback)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+from bench.errors import UserError
+
+DEBUG = False
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
+def cli(debug: bool) -> None:
+    """Benchmark harness for model-heterogeneous personalised federated learning."""
+    global DEBUG
+    DEBUG = debug
+
+
+@cli.command()
+@click.option("--algo", "algorithms", multiple=True, help="Algorithm to run (repeatable); see `bench list`.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML config file.")
+@click.option("--preset", default="quick", show_default=True, help="quick (minutes on a CPU) or paper (SPEC protocol).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key, e.g. pfedlora.rank=32.")
+@click.option("--dataset", help="cifar10, cifar100, synthetic[:K] or PATH.npz.")
+@click.option("--clients", "num_clients", type=int, help="Number of clients N.")
+@click.option("--participation", type=float, help="Fraction C of clients sampled per round, in (0, 1].")
+@click.option("--rounds", type=int, help="Communication rounds.")
+@click.option("--local-epochs", type=int, help="Local epochs E.")
+@click.option("--batch-size", type=int, help="Training batch size.")
+@click.option("--partition", help="label-skew, dirichlet or iid.")
+@click.option("--classes-per-client", type=int, help="Classes per client for label-skew.")
+@click.option("--model-group", help="Model group; see `bench list`.")
+@click.option("--seed", "seeds", type=int, multiple=True, help="Seed (repeatable: one run per seed).")
+@click.option("--device", help="auto, cpu or cuda.")
+@click.option("--data-dir", envvar="BENCH_DATA_DIR", help="Dataset cache directory [env: BENCH_DATA_DIR].")
+@click.option("--output-dir", help="Results root (also holds the default MLflow store).")
+@click.option("--run-name", help="Results subfolder and MLflow parent run name.")
+@click.option("--tracking-uri", help="MLflow tracking URI (default: sqlite store in the output dir).")
+@click.option("--quiet", is_flag=True, help="No progress lines.")
+def run(algorithms, config_file, preset, sets, quiet, **options) -> None:
+    """Run one or more algorithms (and seeds) on one setting; log to MLflow and a results folder."""
+    from bench.config import load_config
+    from bench.runner import run_invocation
+
+    options["algorithms"] = list(algorithms) or None
+    options["seeds"] = list(options["seeds"]) or None
+    cfg = load_config(config_file, preset, list(sets), options)
+    outcome = run_invocation(cfg, show_progress=not quiet)
+    if outcome.failed:
+        click.echo(f"error: {len(outcome.failed)} run(s) failed: " +
+                   "; ".join(f"{k}: {v}" for k, v in outcome.failed.items()), err=True)
+        sys.exit(1)
+
+
+@cli.command(name="list")
+def list_components() -> None:
+    """Show algorithms, model groups, datasets and partitioners."""
+    from bench.registry import algorithms
+    from data.partition import PARTITIONERS
+    from data.sources import DATASETS
+    from models.groups import MODEL_GROUPS
+
+    sections = {
+        "algorithms": {name: cls.description for name, cls in algorithms().items()},
+        "model groups": {name: desc for name, (_, desc) in MODEL_GROUPS.items()},
+        "datasets": DATASETS,
+        "partitioners": PARTITIONERS,
+    }
+    for title, entries in sections.items():
+        click.echo(f"{title}:")
+        for name, desc in entries.items():
+            click.echo(f"  {name:<16} {desc}")
+
+
+@cli.command()
+@click.option("--output-dir", default="results", show_default=True, help="Results root holding mlflow.db.")
+@click.option("--tracking-uri", help="Store to show (default: the sqlite store in the output dir).")
+@click.option("--port", default=5000, show_default=True, type=int)
+def ui(output_dir: str, tracking_uri: str | None, port: int) -> None:
+    """Start the MLflow UI on 127.0.0.1 for the results store."""
+    from bench.tracking import default_tracking_uri
+
+    uri = tracking_uri or default_tracking_uri(Path(output_dir))
+    if tracking_uri is None and not (Path(output_dir) / "mlflow.db").exists():
+        raise UserError(f"no MLflow store at {Path(output_dir) / 'mlflow.db'}; run `bench run` first or pass --output-dir")
+    click.echo(f"MLflow UI for {uri} at http://127.0.0.1:{port}  (Ctrl-C to stop)")
+    subprocess.run([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                    "--host", "127.0.0.1", "--port", str(port)], check=False)
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as err:  # usage errors: one line, exit 2
+        click.echo(f"error: {err.format_message()}", err=True)
+        sys.exit(2)
+    except UserError as err:
+        if DEBUG:
+            raise
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""The run configuration: one typed dataclass, presets, TOML files and `--set key=value` overrides."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.errors import UserError
+
+
+@dataclass
+class RunConfig:
+    """Everything a run depends on. Defaults are the quick preset: the SPEC protocol shrunk to finish in
+    minutes on a 2-core CPU (`--preset paper` restores the SPEC's rounds, epochs and batch size)."""
+
+    algorithms: list[str] = field(default_factory=lambda: ["pfedlora", "standalone"])
+    dataset: str = "cifar10"          # cifar10, cifar100, synthetic[:K], or a path to an .npz
+    data_dir: str | None = None       # None: $BENCH_DATA_DIR or ~/.cache/bench/data
+    num_clients: int = 10             # N
+    participation: float = 1.0        # C: fraction of clients sampled per round, in (0, 1]
+    rounds: int = 10
+    local_epochs: int = 1             # E
+    batch_size: int = 64
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-3
+    grad_clip: float = 50.0           # max gradient norm; 0 disables clipping
+    partition: str = "label-skew"     # label-skew (the paper's), dirichlet, iid
+    classes_per_client: int = 2
+    dirichlet_alpha: float = 0.5
+    val_fraction: float = 0.2         # share of the official train set held out for validation (10k of 50k)
+    model_group: str = "cnn-hetero"
+    augment: bool = True              # random crop (padding 4) and horizontal flip
+    seeds: list[int] = field(default_factory=lambda: [0])
+    device: str = "auto"              # auto, cpu, cuda
+    output_dir: str = "results"
+    run_name: str | None = None       # results subfolder and MLflow parent run name; None: timestamp
+    eval_every: int = 1               # evaluate every k rounds (and always after the last)
+    eval_batch_size: int = 1024
+    target_accuracy: float | None = None  # None: 0.9 for CIFAR-10-like, 0.5 for CIFAR-100-like data
+    offload_state: bool = False       # keep client states in host memory between rounds (large N on GPU)
+    flop_cache: bool = True           # count each distinct step once (False: count every step)
+    tracking_uri: str | None = None   # None: sqlite store in output_dir, no server needed
+    experiment: str = "mhpfl-bench"
+    # Per-algorithm hyper-parameters, e.g. {"pfedlora": {"rank": 32}}; TOML tables / --set pfedlora.rank=32.
+    algo: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "quick": {},
+    "paper": {"rounds": 500, "local_epochs": 10, "batch_size": 512},
+}
+
+FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+
+
+def closest(name: str, valid: list[str]) -> str:
+    match = difflib.get_close_matches(name, valid, n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def parse_value(text: str) -> Any:
+    """A --set value: a TOML literal (5, 0.1, true, [1, 2], "s"), else the bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(cfg: RunConfig, values: dict[str, Any], source: str) -> None:
+    from bench.registry import canonical_algorithm_name, is_algorithm
+
+    for key, value in values.items():
+        if isinstance(value, dict) and key not in FIELDS:
+            if not is_algorithm(key):
+                raise UserError(f"{source}: unknown key {key!r}{closest(key, sorted(FIELDS))}")
+            cfg.algo.setdefault(canonical_algorithm_name(key), {}).update(value)
+            continue
+        if "." in key:
+            algo_name, _, hp = key.partition(".")
+            apply_overrides(cfg, {algo_name: {hp: value}}, source)
+            continue
+        if key not in FIELDS:
+            raise UserError(f"{source}: unknown key {key!r}{closest(key, sorted(FIELDS))}; "
+                            f"valid keys are the RunConfig fields or an algorithm table")
+        setattr(cfg, key, coerce(key, value, source))
+
+
+def coerce(key: str, value: Any, source: str) -> Any:
+    """Check a value against the field's declared type; ints are accepted for floats."""
+    annotation = str(FIELDS[key].type)
+    if value is None and "None" in annotation:
+        return None
+    if annotation.startswith("list"):
+        value = value if isinstance(value, list) else [value]
+        want = int if "int" in annotation else str
+        if not all(isinstance(v, want) and not isinstance(v, bool) for v in value):
+            raise UserError(f"{source}: {key} must be a list of {want.__name__}, got {value!r}")
+        return value
+    for name, kind in (("bool", bool), ("int", int), ("float", float), ("str", str)):
+        if annotation.startswith(name):
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                return float(value)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise UserError(f"{source}: {key} must be {name}, got {value!r}")
+            return value
+    return value
+
+
+def load_config(config_file: str | Path | None = None, preset: str = "quick",
+                sets: list[str] = (), options: dict[str, Any] | None = None) -> RunConfig:
+    """Resolution order: defaults < preset < TOML file < command-line options < --set overrides."""
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; valid: {', '.join(PRESETS)}")
+    cfg = RunConfig()
+    apply_overrides(cfg, PRESETS[preset], f"preset {preset}")
+    if config_file is not None:
+        path = Path(config_file)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise UserError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as err:
+            raise UserError(f"config file {path} is not valid TOML: {err}") from None
+        apply_overrides(cfg, data, str(path))
+    apply_overrides(cfg, {k: v for k, v in (options or {}).items() if v is not None}, "option")
+    for item in sets:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set {item!r}: expected key=value, e.g. --set rounds=5 or --set pfedlora.rank=32")
+        apply_overrides(cfg, {key.strip(): parse_value(text.strip())}, f"--set {key.strip()}")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Reject values outside their valid range, each with a one-line message."""
+    from bench.registry import resolve_algorithms
+    from data.partition import PARTITIONERS
+    from models.groups import MODEL_GROUPS
+
+    for key in ("num_clients", "rounds", "local_epochs", "batch_size", "eval_every", "eval_batch_size",
+                "classes_per_client"):
+        if getattr(cfg, key) < 1:
+            raise UserError(f"{key} must be a positive integer, got {getattr(cfg, key)}")
+    if not 0 < cfg.participation <= 1:
+        raise UserError(f"participation must be in (0, 1], got {cfg.participation}")
+    if not 0 < cfg.val_fraction < 1:
+        raise UserError(f"val_fraction must be in (0, 1), got {cfg.val_fraction}")
+    for key in ("lr", "dirichlet_alpha"):
+        if getattr(cfg, key) <= 0:
+            raise UserError(f"{key} must be positive, got {getattr(cfg, key)}")
+    for key in ("momentum", "weight_decay", "grad_clip"):
+        if getattr(cfg, key) < 0:
+            raise UserError(f"{key} must be >= 0, got {getattr(cfg, key)}")
+    if cfg.target_accuracy is not None and not 0 < cfg.target_accuracy <= 1:
+        raise UserError(f"target_accuracy must be in (0, 1], got {cfg.target_accuracy}")
+    if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
+        raise UserError(f"unknown device {cfg.device!r}; valid: auto, cpu, cuda")
+    if cfg.partition not in PARTITIONERS:
+        raise UserError(f"unknown partitioner {cfg.partition!r}; valid: {', '.join(PARTITIONERS)}")
+    if cfg.model_group not in MODEL_GROUPS:
+        raise UserError(f"unknown model group {cfg.model_group!r}; valid: {', '.join(MODEL_GROUPS)}")
+    if not cfg.seeds:
+        raise UserError("seeds must hold at least one seed")
+    if not cfg.algorithms:
+        raise UserError("no algorithm given; use --algo NAME (see `bench list`)")
+    cfg.algorithms = [cls.name for cls in resolve_algorithms(cfg.algorithms)]
+    for name, overrides in cfg.algo.items():
+        resolve_algorithms([name])[0].make_hparams(overrides)

@@ -1,0 +1,270 @@
+"""The one round loop shared by every algorithm, with the run context that algorithms train through.
+
+Per round: sample clients -> server payload down -> client update -> payload up -> aggregate ->
+evaluate -> metrics -> trackers. Bytes are measured here on the payloads; FLOPs are counted here
+around the training steps, evaluation and aggregation."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from algorithms.base import Algorithm, Payload
+from bench.accounting import FlopAccountant, transmit
+from bench.config import RunConfig
+from bench.state import ClientStore
+from data.device_data import DeviceData
+from data.partition import ClientSplit
+from models.cnn import SplitModel
+from bench.errors import UserError
+from models.groups import MODEL_GROUPS, build_model, client_arch, is_homogeneous
+
+# Seed offsets, so partition, sampling, initialisation and augmentation use independent streams.
+SAMPLING_STREAM, AUGMENT_STREAM = 1, 2
+
+
+@dataclass
+class Client:
+    id: int
+    arch: str
+    split: ClientSplit                 # index tensors on the run's device
+    state: dict[str, Any] = field(default_factory=dict)  # personal state (see ClientStore)
+
+    @property
+    def num_train(self) -> int:
+        return len(self.split.train)
+
+
+class RunContext:
+    """What an algorithm sees of the run: settings, data, model building and the training/eval helpers
+    through which the simulator counts FLOPs."""
+
+    def __init__(self, cfg: RunConfig, data: DeviceData, device: torch.device, seed: int, algo_name: str,
+                 accountant: FlopAccountant, splits: list[ClientSplit]):
+        self.cfg = cfg
+        self.client_archs = [client_arch(cfg.model_group, i) for i in range(len(splits))]
+        self.client_weights = {i: float(len(s.train)) for i, s in enumerate(splits)}  # n_k, for averages
+        self.data = data
+        self.device = device
+        self.seed = seed
+        self.algo_name = algo_name
+        self.accountant = accountant
+        self.num_classes = data.num_classes
+        self.in_channels, self.image_size = data.x_train.shape[1], data.x_train.shape[2]
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed * 1000 + AUGMENT_STREAM)
+        self.round_metrics: dict[str, list[tuple[torch.Tensor, float]]] = {}
+        self.last_train_loss = torch.full((), float("nan"))  # mean loss of the latest ctx.train call
+
+    # ---- models and optimisers ------------------------------------------------------------------
+    def build_model(self, arch: str) -> SplitModel:
+        return build_model(arch, self.num_classes, self.in_channels, self.image_size).to(self.device)
+
+    def representation_dim(self, arch: str) -> int:
+        with torch.device("meta"):  # no memory, no RNG draws
+            return build_model(arch, self.num_classes, self.in_channels, self.image_size).rep_dim
+
+    def optimizer(self, params: Iterable[nn.Parameter], lr: float | None = None) -> torch.optim.Optimizer:
+        """SGD with the run's settings; algorithms create it anew each round (SPEC)."""
+        return torch.optim.SGD(params, lr=self.cfg.lr if lr is None else lr, momentum=self.cfg.momentum,
+                               weight_decay=self.cfg.weight_decay)
+
+    # ---- training ---------------------------------------------------------------------------------
+    def train(self, client: Client, trainable: Sequence[nn.Module | Sequence[nn.Module]],
+              loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], epochs: int, phase: str,
+              indices: torch.Tensor | None = None) -> torch.Tensor:
+        """Run `epochs` epochs of SGD over the client's training batches and return the mean loss (a tensor,
+        so no host sync per batch). Each entry of `trainable` (a module or a list of modules) gets its own
+        optimizer and its own gradient clipping; only parameters with requires_grad are trained.
+        `phase` names the computation for the FLOP cache (include anything that changes it)."""
+        groups = [[entry] if isinstance(entry, nn.Module) else list(entry) for entry in trainable]
+        params = [[p for m in mods for p in m.parameters() if p.requires_grad] for mods in groups]
+        optimizers = [self.optimizer(ps) for ps in params if ps]
+        clip = self.cfg.grad_clip
+        idx = client.split.train if indices is None else indices
+        loss_sum = torch.zeros((), device=self.device)
+        seen = 0
+        for _ in range(epochs):
+            for x, y in self.data.train_batches(idx, self.cfg.batch_size, self.generator):
+                key = (self.algo_name, phase, client.arch, len(y))
+                with self.accountant.count("train", key, client.id):
+                    loss = loss_fn(x, y)
+                    for opt in optimizers:
+                        opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    for group, opt in zip(params, optimizers):
+                        if clip > 0:
+                            nn.utils.clip_grad_norm_(group, clip, foreach=True)
+                        opt.step()
+                loss_sum += loss.detach() * len(y)
+                seen += len(y)
+        self.last_train_loss = loss_sum / max(seen, 1)
+        return self.last_train_loss
+
+    # ---- evaluation -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, client: Client, predict: Callable[[torch.Tensor], torch.Tensor], split: str = "test",
+                 tag: str = "eval") -> tuple[torch.Tensor, int, torch.Tensor]:
+        """(correct, count, summed CE loss) of `predict` on one of the client's splits; eval FLOPs counted."""
+        idx = getattr(client.split, split)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        loss = torch.zeros((), device=self.device)
+        for x, y in self.data.eval_batches(split, idx, self.cfg.eval_batch_size):
+            with self.accountant.count("eval", (self.algo_name, tag, client.arch, len(y))):
+                logits = predict(x)
+            correct += (logits.argmax(1) == y).sum()
+            loss += nn.functional.cross_entropy(logits, y, reduction="sum")
+        return correct, len(idx), loss
+
+    def record(self, name: str, value: torch.Tensor | float, weight: float = 1.0) -> None:
+        """An extra per-round metric from inside a hook (e.g. pFedLoRA's accuracy after phase 1);
+        the round figure is the weighted mean over the clients that recorded it."""
+        self.round_metrics.setdefault(name, []).append((torch.as_tensor(value, dtype=torch.float32), weight))
+
+
+@dataclass
+class ClientEval:
+    correct: int
+    count: int
+    loss: float
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(self.count, 1)
+
+
+class Simulation:
+    """One (algorithm, seed) run. `on_round(step, metrics)` is called after every evaluated round."""
+
+    def __init__(self, cfg: RunConfig, algo_cls: type[Algorithm], seed: int, data: DeviceData,
+                 splits: list[ClientSplit], device: torch.device):
+        self.cfg = cfg
+        self.seed = seed
+        self.device = device
+        self.accountant = FlopAccountant(cache=cfg.flop_cache)
+        if algo_cls.homogeneous_only and not is_homogeneous(cfg.model_group):
+            raise UserError(f"{algo_cls.name} needs a model-homogeneous group, got {cfg.model_group!r}; "
+                            f"valid: {', '.join(g for g in MODEL_GROUPS if is_homogeneous(g))}")
+        torch.manual_seed(seed)  # model initialisation
+        self.ctx = RunContext(cfg, data, device, seed, algo_cls.name, self.accountant, splits)
+        self.algo = algo_cls(self.ctx, algo_cls.make_hparams(cfg.algo.get(algo_cls.name)))
+        self.store = ClientStore(device, offload=cfg.offload_state)
+        self.clients = [Client(i, self.ctx.client_archs[i], split) for i, split in enumerate(splits)]
+        for client in self.clients:
+            self.algo.init_client(client)
+            self.store.put(client.id, client.state)
+        self.algo.init_server()
+        self.sampler = np.random.default_rng([seed, SAMPLING_STREAM])
+        self.per_round = max(1, round(cfg.participation * cfg.num_clients))
+        self.test_evals: dict[int, ClientEval] = {}
+        self.val_evals: dict[int, ClientEval] = {}
+        self.bytes_up: dict[int, int] = {c.id: 0 for c in self.clients}
+        self.bytes_down: dict[int, int] = {c.id: 0 for c in self.clients}
+        self.cumulative: dict[str, float] = {}
+
+    def sample_clients(self) -> list[int]:
+        return sorted(self.sampler.choice(self.cfg.num_clients, size=self.per_round, replace=False).tolist())
+
+    def run_round(self, round_index: int) -> dict[str, float]:
+        """One federated round; returns its metrics (evaluated ones only when this round is evaluated)."""
+        start = time.perf_counter()
+        flops_before = self.accountant.snapshot()
+        self.ctx.round_metrics = {}
+        sampled = self.sample_clients()
+        uploads: dict[int, Payload] = {}
+        train_losses = []
+        up_total = down_total = 0
+        for cid in sampled:
+            client = self.clients[cid]
+            client.state = self.store.checkout(cid)
+            payload, down = transmit(self.algo.server_payload(client, round_index), self.device)
+            self.ctx.last_train_loss = torch.full((), float("nan"))
+            upload = self.algo.client_update(client, payload, round_index)
+            uploads[cid], up = transmit(upload, self.device)
+            train_losses.append(self.ctx.last_train_loss.cpu())  # the client's final training phase
+            self.bytes_up[cid] += up
+            self.bytes_down[cid] += down
+            up_total += up
+            down_total += down
+        with self.accountant.count("server"):
+            self.algo.aggregate(uploads, round_index)
+        metrics: dict[str, float] = {
+            "clients_sampled": len(sampled),
+            "bytes_up": up_total, "bytes_down": down_total,
+            "bytes_up_per_client": up_total / len(sampled), "bytes_down_per_client": down_total / len(sampled),
+        }
+        weights = torch.tensor([self.ctx.client_weights[c] for c in sampled])
+        metrics["train_loss"] = float((torch.stack(train_losses).cpu() * weights).sum() / weights.sum())
+        for name, values in self.ctx.round_metrics.items():
+            w = torch.tensor([wt for _, wt in values])
+            metrics[name] = float((torch.stack([v for v, _ in values]).cpu() * w).sum() / w.sum())
+        is_last = round_index + 1 == self.cfg.rounds
+        if (round_index + 1) % self.cfg.eval_every == 0 or is_last:
+            changed = range(self.cfg.num_clients) if self.algo.prediction_uses_server_state else sampled
+            metrics.update(self.evaluate(changed))
+        for cid in sampled:
+            self.store.checkin(cid)
+        flops_after = self.accountant.snapshot()
+        for kind in flops_after:
+            metrics[f"{kind}_flops"] = flops_after[kind] - flops_before[kind]
+        metrics["round_time"] = time.perf_counter() - start
+        return self.accumulate(metrics)
+
+    def accumulate(self, metrics: dict[str, float]) -> dict[str, float]:
+        for key in ("train_flops", "eval_flops", "server_flops", "bytes_up", "bytes_down", "round_time"):
+            self.cumulative[key] = self.cumulative.get(key, 0) + metrics.get(key, 0)
+            metrics[f"cum_{key}"] = self.cumulative[key]
+        return metrics
+
+    def evaluate(self, client_ids: Iterable[int]) -> dict[str, float]:
+        """Evaluate the given clients on their validation and test sets, then summarise over ALL clients
+        (clients whose state did not change keep their last evaluation)."""
+        for cid in client_ids:
+            client = self.clients[cid]
+            client.state = self.store.checkout(cid)
+            predict = lambda x, c=client: self.algo.predict(c, x)  # noqa: E731
+            for split, table in (("test", self.test_evals), ("val", self.val_evals)):
+                correct, count, loss = self.ctx.evaluate(client, predict, split)
+                table[cid] = ClientEval(int(correct), count, float(loss))
+        return summarise(self.test_evals, self.val_evals)
+
+    def initial_metrics(self) -> dict[str, float]:
+        """Step 0: every client evaluated before any training."""
+        before = self.accountant.snapshot()["eval"]
+        metrics = self.evaluate(range(self.cfg.num_clients))
+        for cid in range(self.cfg.num_clients):
+            self.store.checkin(cid)
+        metrics.update(train_flops=0, server_flops=0, bytes_up=0, bytes_down=0, round_time=0.0,
+                       eval_flops=self.accountant.snapshot()["eval"] - before)
+        return self.accumulate(metrics)
+
+    def client_table(self) -> list[dict[str, Any]]:
+        """Per-client final results."""
+        rows = []
+        for c in self.clients:
+            test, val = self.test_evals[c.id], self.val_evals[c.id]
+            rows.append({
+                "client": c.id, "arch": c.arch, "n_train": c.num_train, "n_val": len(c.split.val),
+                "n_test": test.count, "test_acc": test.accuracy, "val_acc": val.accuracy,
+                "test_loss": test.loss / max(test.count, 1), "bytes_up": self.bytes_up[c.id],
+                "bytes_down": self.bytes_down[c.id], "train_flops": self.accountant.by_client[c.id],
+                "state_bytes": self.store.state_bytes(c.id),
+            })
+        return rows
+
+
+def summarise(test: dict[int, ClientEval], val: dict[int, ClientEval]) -> dict[str, float]:
+    """Sample-weighted mean accuracy over clients (SPEC), the std across clients, validation accuracy, loss."""
+    accs = np.array([e.accuracy for e in test.values()])
+    count = sum(e.count for e in test.values())
+    return {
+        "acc_mean": sum(e.correct for e in test.values()) / max(count, 1),
+        "acc_std": float(accs.std()) if len(accs) else math.nan,
+        "val_acc_mean": sum(e.correct for e in val.values()) / max(sum(e.count for e in val.values()), 1),
+        "test_loss": sum(e.loss for e in test.values()) / max(count, 1),
+    }
