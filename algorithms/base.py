@@ -79,6 +79,14 @@ class Algorithm:
     def aggregate(self, uploads: dict[int, Payload], round_index: int) -> None:
         """Server update from the uploads of the sampled clients (keyed by client id)."""
 
+    def after_aggregation_payload(self, client: "Client", round_index: int) -> Payload | None:
+        """Optional second download in the same round, after aggregation (e.g. FedAPEN's new shared model,
+        on which the client then learns lambda). None (the default) means no such step."""
+        return None
+
+    def receive_after_aggregation(self, client: "Client", payload: Payload, round_index: int) -> None:
+        """Client-side handling of `after_aggregation_payload` (its compute counts as training FLOPs)."""
+
     def predict(self, client: "Client", x: torch.Tensor) -> torch.Tensor:
         """Personalised logits for client `client` (called under no_grad)."""
         return client.state["model"](x)

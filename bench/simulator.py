@@ -193,6 +193,13 @@ class Simulation:
             down_total += down
         with self.accountant.count("server"):
             self.algo.aggregate(uploads, round_index)
+        for cid in sampled:  # optional post-aggregation broadcast to this round's clients
+            late = self.algo.after_aggregation_payload(self.clients[cid], round_index)
+            if late is not None:
+                payload, down = transmit(late, self.device)
+                self.algo.receive_after_aggregation(self.clients[cid], payload, round_index)
+                self.bytes_down[cid] += down
+                down_total += down
         metrics: dict[str, float] = {
             "clients_sampled": len(sampled),
             "bytes_up": up_total, "bytes_down": down_total,
