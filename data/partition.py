@@ -1,0 +1,139 @@
+"""Split a dataset among clients (SPEC section 1).
+
+The official train set is split at random into a train pool and a validation pool; the official test
+set is the test pool. A (classes x clients) proportion matrix P says which share of each class every
+client gets, and the SAME P cuts all three pools, so a client's train, validation and test subsets have
+the same label distribution.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import gcd
+
+import numpy as np
+import torch
+
+from bench.errors import UserError
+
+PARTITIONERS: dict[str, str] = {
+    "label-skew": "pathological: each client holds classes_per_client classes, with U(0.4, 0.6) weighted shares (the paper's)",
+    "dirichlet": "each class split among all clients by Dirichlet(alpha) proportions (smaller alpha: more skew)",
+    "iid": "every class split equally among all clients",
+}
+
+
+@dataclass
+class ClientSplit:
+    train: torch.Tensor  # int64 indices into the official train arrays
+    val: torch.Tensor  # int64 indices into the official train arrays (the held-out validation pool)
+    test: torch.Tensor  # int64 indices into the official test arrays
+
+
+def partition(
+    y_train: np.ndarray,
+    y_test: np.ndarray,
+    num_clients: int,
+    scheme: str = "label-skew",
+    *,
+    classes_per_client: int = 2,
+    alpha: float = 0.5,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    num_classes: int | None = None,
+) -> list[ClientSplit]:
+    """Per-client index sets, deterministic from `seed`. num_classes defaults to max label + 1."""
+    y_train, y_test = np.asarray(y_train, dtype=np.int64), np.asarray(y_test, dtype=np.int64)
+    if scheme not in PARTITIONERS:
+        raise UserError(f"unknown partition scheme {scheme!r}; valid: {', '.join(PARTITIONERS)}")
+    if num_clients < 1:
+        raise UserError(f"num_clients is {num_clients}; it must be at least 1")
+    if not 0 <= val_fraction < 1:
+        raise UserError(f"val_fraction is {val_fraction}; it must be in [0, 1)")
+    top = int(max(y_train.max(initial=0), y_test.max(initial=0)))
+    k = num_classes if num_classes is not None else top + 1
+    if min(y_train.min(initial=0), y_test.min(initial=0)) < 0 or top >= k:
+        raise UserError(f"labels must be in [0, {k}); found labels outside it")
+
+    rng = np.random.default_rng(seed)
+    shuffled = rng.permutation(len(y_train))
+    n_val = int(round(val_fraction * len(y_train)))
+    val_pool, train_pool = shuffled[:n_val], shuffled[n_val:]
+
+    if scheme == "label-skew":
+        p = label_skew_proportions(k, num_clients, classes_per_client, rng)
+    elif scheme == "dirichlet":
+        p = dirichlet_proportions(k, num_clients, alpha, rng)
+    else:
+        p = np.full((k, num_clients), 1.0 / num_clients)
+
+    train = _cut(train_pool, y_train[train_pool], p, rng)
+    val = _cut(val_pool, y_train[val_pool], p, rng)
+    test = _cut(np.arange(len(y_test)), y_test, p, rng)
+    empty = [c for c, idx in enumerate(train) if len(idx) == 0]
+    if empty:
+        raise UserError(
+            f"partition leaves client {empty[0]} without training data ({len(empty)} such clients); "
+            "use fewer clients, a larger alpha, or another seed"
+        )
+    as_tensor = torch.from_numpy
+    return [ClientSplit(as_tensor(t), as_tensor(v), as_tensor(s)) for t, v, s in zip(train, val, test)]
+
+
+def label_skew_proportions(
+    num_classes: int, num_clients: int, classes_per_client: int, rng: np.random.Generator
+) -> np.ndarray:
+    """The paper's pathological split: every client gets classes_per_client classes, every class m clients."""
+    if not 1 <= classes_per_client <= num_classes:
+        raise UserError(
+            f"classes_per_client is {classes_per_client}; it must be between 1 and the number of classes ({num_classes})"
+        )
+    m, rest = divmod(classes_per_client * num_clients, num_classes)
+    if rest:
+        step = num_classes // gcd(num_classes, classes_per_client)
+        raise UserError(
+            f"label-skew needs classes_per_client * num_clients ({classes_per_client} * {num_clients}) to be a "
+            f"multiple of the {num_classes} classes, so each class has a whole number of clients; "
+            f"use num_clients a multiple of {step}"
+        )
+    weights = rng.uniform(0.4, 0.6, size=(num_classes, m))
+    weights /= weights.sum(axis=1, keepdims=True)
+    slots = np.full(num_classes, m)  # unused client slots per class
+    p = np.zeros((num_classes, num_clients))
+    for client in range(num_clients):
+        for _ in range(classes_per_client):
+            # Classes the client already holds are out of the running.
+            open_slots = np.where(p[:, client] > 0, -1, slots)
+            best = np.flatnonzero(open_slots == open_slots.max())
+            c = rng.choice(best)
+            # Picking from the fullest classes keeps slot counts within one of each other, so this never fails.
+            assert slots[c] > 0, "label-skew assignment ran out of slots"
+            p[c, client] = weights[c, m - slots[c]]
+            slots[c] -= 1
+    return p
+
+
+def dirichlet_proportions(num_classes: int, num_clients: int, alpha: float, rng: np.random.Generator) -> np.ndarray:
+    if not alpha > 0:
+        raise UserError(f"alpha is {alpha}; the Dirichlet concentration must be > 0 (e.g. 0.1 to 1.0)")
+    p = rng.dirichlet(np.full(num_clients, float(alpha)), size=num_classes)
+    if not np.isfinite(p).all():
+        raise UserError(f"alpha {alpha} is too small to sample Dirichlet proportions; use alpha >= 0.01")
+    return p
+
+
+def _cut(pool: np.ndarray, labels: np.ndarray, p: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
+    """Give client j the share p[c, j] of class c of this pool, in shuffled order; returns sorted indices."""
+    num_classes, num_clients = p.shape
+    # Shuffle, then stable-sort by label: indices grouped by class, in random order within each class.
+    shuffled = rng.permutation(len(pool))
+    order = shuffled[np.argsort(labels[shuffled], kind="stable")]
+    counts = np.bincount(labels, minlength=num_classes)
+    # Cut each class at the rounded cumulative proportions, so no sample is lost or duplicated.
+    cum = np.cumsum(p, axis=1) / p.sum(axis=1, keepdims=True)
+    cuts = np.rint(cum * counts[:, None]).astype(np.int64)
+    per_client = np.diff(cuts, axis=1, prepend=0)  # (classes, clients) sample counts
+    owner = np.repeat(np.tile(np.arange(num_clients), num_classes), per_client.ravel())
+    members = pool[order]
+    members = members[np.lexsort((members, owner))]  # by client, then by index
+    sizes = np.bincount(owner, minlength=num_clients)
+    return np.split(members, np.cumsum(sizes)[:-1])

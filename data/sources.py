@@ -1,0 +1,227 @@
+"""Where the images come from: CIFAR-10/100, a user's .npz file, or a small synthetic set.
+
+Every source returns an `ArrayDataset`: uint8 images in (N, H, W, C) order (as CIFAR ships them),
+int64 labels, class names and the per-channel normalisation statistics.
+"""
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bench.errors import UserError
+
+DATASETS: dict[str, str] = {
+    "cifar10": "CIFAR-10, 32x32 RGB, 10 classes (50k train / 10k test); <data-dir>/cifar10.npz or torchvision",
+    "cifar100": "CIFAR-100, 32x32 RGB, 100 classes (50k train / 10k test); <data-dir>/cifar100.npz or torchvision",
+    "synthetic": "small learnable 32x32 RGB set (2000 train / 500 test), 10 classes; 'synthetic:K' for K classes",
+    "PATH.npz": "any .npz with x_train, y_train, x_test, y_test (uint8 NHWC images, integer labels), classes optional",
+}
+
+# Normalisation fixed by the protocol (SPEC section 1), not measured from the data.
+CIFAR_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "cifar10": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+CIFAR_CLASSES = {"cifar10": 10, "cifar100": 100}
+VALID_NAMES = "cifar10, cifar100, synthetic, or a path to an .npz file"
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+@dataclass
+class ArrayDataset:
+    name: str
+    x_train: np.ndarray  # uint8 (N, H, W, C)
+    y_train: np.ndarray  # int64 (N,)
+    x_test: np.ndarray  # uint8 (M, H, W, C)
+    y_test: np.ndarray  # int64 (M,)
+    classes: list[str]
+    mean: tuple[float, ...]  # per channel, on the 0-1 scale
+    std: tuple[float, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        _, h, w, c = self.x_train.shape
+        return (c, h, w)
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("BENCH_DATA_DIR") or "~/.cache/bench/data").expanduser()
+
+
+def load_dataset(name: str, data_dir: Path | None = None, *, seed: int = 0, download: bool = True) -> ArrayDataset:
+    """Load a dataset by name (see DATASETS). `seed` only matters for the synthetic set."""
+    data_dir = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    key = name.strip().lower()
+    if key.endswith(".npz"):
+        return load_npz(Path(name).expanduser())
+    if key in CIFAR_STATS:
+        return _load_cifar(key, data_dir, download)
+    if key == "synthetic" or key.startswith("synthetic:"):
+        return synthetic_dataset(num_classes=_synthetic_classes(key), seed=seed)
+    raise UserError(f"unknown dataset {name!r}; valid: {VALID_NAMES}")
+
+
+def _synthetic_classes(key: str) -> int:
+    if key == "synthetic":
+        return 10
+    count = key.split(":", 1)[1]
+    if not count.isdigit() or int(count) < 2:
+        raise UserError(f"bad dataset {key!r}; use 'synthetic' or 'synthetic:K' with an integer K >= 2 classes")
+    return int(count)
+
+
+def _load_cifar(name: str, data_dir: Path, download: bool) -> ArrayDataset:
+    mean, std = CIFAR_STATS[name]
+    npz = data_dir / f"{name}.npz"
+    source = npz if npz.exists() else data_dir
+    if npz.exists():
+        ds = load_npz(npz, name=name, stats=(mean, std))
+    else:
+        x_train, y_train, x_test, y_test, classes = _torchvision_cifar(name, data_dir, download)
+        validate_arrays(name, x_train, y_train, x_test, y_test, classes)
+        ds = ArrayDataset(name, x_train, y_train, x_test, y_test, classes, mean, std)
+    if ds.num_classes != CIFAR_CLASSES[name] or ds.image_shape != (3, 32, 32):
+        raise UserError(
+            f"{source}: has {ds.num_classes} classes of shape {ds.image_shape}; "
+            f"{name} needs {CIFAR_CLASSES[name]} classes of 3x32x32 images"
+        )
+    return ds
+
+
+def _torchvision_cifar(name: str, data_dir: Path, download: bool):
+    """The standard torchvision path, for users with internet (or torchvision's files already in data_dir)."""
+    import torchvision  # heavy import, only needed here
+
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    try:
+        train = cls(root=str(data_dir), train=True, download=download)
+        test = cls(root=str(data_dir), train=False, download=download)
+    except Exception as e:  # offline, corrupt archive, unwritable dir: all mean "not available here"
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise UserError(
+            f"{name} is missing in {data_dir} and could not be loaded by torchvision ({reason}); "
+            f"provide it with `python ../shared/data/unpack.py ../shared/data/{name} {data_dir}/{name}.npz`, "
+            f"point --data-dir or BENCH_DATA_DIR at a folder holding {name}.npz, or go online"
+        ) from None
+    y_train, y_test = (np.asarray(split.targets, dtype=np.int64) for split in (train, test))
+    return train.data, y_train, test.data, y_test, list(train.classes)
+
+
+def load_npz(
+    path: Path, name: str | None = None, stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+) -> ArrayDataset:
+    """A user's arrays: keys x_train, y_train, x_test, y_test, and optionally classes.
+
+    Normalisation is measured on x_train unless `stats` (mean, std) is given.
+    """
+    if not path.is_file():
+        raise UserError(f"dataset file {path} does not exist; give the path to an existing .npz file")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [k for k in NPZ_KEYS if k not in npz.files]
+            if missing:
+                raise UserError(
+                    f"{path}: missing key(s) {', '.join(missing)}; an .npz dataset needs "
+                    f"{', '.join(NPZ_KEYS)} (and optionally classes); found {', '.join(npz.files) or 'none'}"
+                )
+            x_train, y_train, x_test, y_test = (npz[k] for k in NPZ_KEYS)
+            classes = [str(c) for c in npz["classes"].reshape(-1)] if "classes" in npz.files else None
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        reason = " ".join(str(e).split())
+        raise UserError(f"{path}: cannot read as a numpy .npz file without pickles ({reason})") from None
+    label = name or str(path)
+    validate_arrays(label, x_train, y_train, x_test, y_test, classes)
+    if classes is None:
+        classes = [str(k) for k in range(int(max(y_train.max(), y_test.max(initial=0))) + 1)]
+    mean, std = stats or channel_stats(x_train)
+    return ArrayDataset(
+        label, x_train, y_train.astype(np.int64), x_test, y_test.astype(np.int64), classes, mean, std
+    )
+
+
+def validate_arrays(name, x_train, y_train, x_test, y_test, classes) -> None:
+    """Raise UserError (one line) for the first problem with the arrays of dataset `name`."""
+    for split, x in (("x_train", x_train), ("x_test", x_test)):
+        if not isinstance(x, np.ndarray) or x.dtype != np.uint8:
+            dtype = getattr(x, "dtype", type(x).__name__)
+            raise UserError(f"{name}: {split} has dtype {dtype}; expected uint8 images (0-255)")
+        if x.ndim != 4 or x.shape[-1] not in (1, 3):
+            raise UserError(f"{name}: {split} has shape {x.shape}; expected (N, H, W, C) with C = 1 or 3")
+        if x.shape[0] == 0:
+            raise UserError(f"{name}: {split} has no images; expected at least one")
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise UserError(
+            f"{name}: train images are {x_train.shape[1:]} (H, W, C) but test images are {x_test.shape[1:]}; "
+            "they must match"
+        )
+    for split, y, x in (("y_train", y_train, x_train), ("y_test", y_test, x_test)):
+        if not isinstance(y, np.ndarray) or y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+            desc = f"shape {y.shape} dtype {y.dtype}" if isinstance(y, np.ndarray) else type(y).__name__
+            raise UserError(f"{name}: {split} has {desc}; expected a 1-D array of integer labels")
+        if len(y) != len(x):
+            raise UserError(f"{name}: {split} has {len(y)} labels for {len(x)} images; expected one per image")
+    if classes is not None and len(classes) == 0:
+        raise UserError(f"{name}: classes is empty; expected one name per class or no classes key")
+    for split, y in (("y_train", y_train), ("y_test", y_test)):
+        low, high = int(y.min()), int(y.max())
+        if low < 0 or (classes is not None and high >= len(classes)):
+            valid = f"[0, {len(classes)})" if classes is not None else "non-negative"
+            raise UserError(f"{name}: {split} has labels in [{low}, {high}]; expected {valid} labels")
+
+
+def channel_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std on the 0-1 scale, exact, from a histogram (no float copy of the images)."""
+    levels = np.arange(256, dtype=np.float64) / 255
+    means, stds = [], []
+    for c in range(x.shape[-1]):
+        hist = np.bincount(x[..., c].ravel(), minlength=256).astype(np.float64)
+        hist /= hist.sum()
+        mean = float(hist @ levels)
+        std = float(np.sqrt(max(hist @ (levels - mean) ** 2, 0.0)))
+        means.append(mean)
+        stds.append(std if std > 1e-6 else 1.0)  # a constant channel must not divide by zero
+    return tuple(means), tuple(stds)
+
+
+def synthetic_dataset(
+    num_classes: int = 10, train_size: int = 2000, test_size: int = 500, image_size: int = 32, seed: int = 0
+) -> ArrayDataset:
+    """Balanced, learnable images: a fixed smooth random prototype per class, plus per-sample noise."""
+    if num_classes < 2 or train_size < num_classes or test_size < 1 or image_size < 4:
+        raise UserError(
+            f"synthetic dataset: num_classes={num_classes}, train_size={train_size}, test_size={test_size}, "
+            f"image_size={image_size}; need num_classes >= 2, train_size >= num_classes, test_size >= 1, image_size >= 4"
+        )
+    rng = np.random.default_rng(seed)
+    # 4x4 random colour grids, upsampled bilinearly: smooth, distinct, and spatial (a CNN has something to find).
+    protos = _upsample(rng.uniform(40, 215, size=(num_classes, 4, 4, 3)), image_size).astype(np.float32)
+
+    def sample(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = rng.permutation(np.arange(n) % num_classes).astype(np.int64)
+        brightness = rng.normal(0, 20, size=(n, 1, 1, 1)).astype(np.float32)  # global shifts: not pixel matching
+        noise = rng.standard_normal(size=(n, image_size, image_size, 3), dtype=np.float32) * 45
+        return np.clip(protos[y] + brightness + noise, 0, 255).astype(np.uint8), y
+
+    x_train, y_train = sample(train_size)
+    x_test, y_test = sample(test_size)
+    mean, std = channel_stats(x_train)
+    name = "synthetic" if num_classes == 10 else f"synthetic:{num_classes}"
+    return ArrayDataset(name, x_train, y_train, x_test, y_test, [str(k) for k in range(num_classes)], mean, std)
+
+
+def _upsample(coarse: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear resize of (K, g, g, C) grids to (K, size, size, C)."""
+    g = coarse.shape[1]
+    pos = np.linspace(0, g - 1, size)
+    lo = np.minimum(pos.astype(int), g - 2)
+    f = pos - lo
+    rows = coarse[:, lo] * (1 - f)[None, :, None, None] + coarse[:, lo + 1] * f[None, :, None, None]
+    return rows[:, :, lo] * (1 - f)[None, None, :, None] + rows[:, :, lo + 1] * f[None, None, :, None]

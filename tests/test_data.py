@@ -1,0 +1,355 @@
+"""Tests of the data package: sources, partitions, on-device batching."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bench.errors import UserError
+from data import DeviceData, load_dataset, partition, synthetic_dataset, validate_arrays
+
+SHARED_CIFAR10 = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10"
+
+# CIFAR-like label arrays: 10 classes, 5000 train and 1000 test images each.
+Y_TRAIN = np.repeat(np.arange(10), 5000)
+Y_TEST = np.repeat(np.arange(10), 1000)
+
+
+def class_counts(y: np.ndarray, idx: torch.Tensor) -> np.ndarray:
+    return np.bincount(y[idx.numpy()], minlength=int(y.max()) + 1)
+
+
+def check_cover(splits, y_train=Y_TRAIN, y_test=Y_TEST, val_fraction=0.2):
+    """Pools are covered exactly once: no sample lost or duplicated, val apart from train."""
+    train = np.concatenate([s.train.numpy() for s in splits])
+    val = np.concatenate([s.val.numpy() for s in splits])
+    test = np.concatenate([s.test.numpy() for s in splits])
+    n_val = round(val_fraction * len(y_train))
+    assert len(train) == len(np.unique(train)) == len(y_train) - n_val
+    assert len(val) == len(np.unique(val)) == n_val
+    assert np.union1d(train, val).tolist() == list(range(len(y_train)))  # train + val pools = official train
+    assert np.sort(test).tolist() == list(range(len(y_test)))
+    for s in splits:
+        assert s.train.dtype == s.val.dtype == s.test.dtype == torch.int64
+
+
+def check_same_distribution(splits, y_train=Y_TRAIN, y_test=Y_TEST, tol=2.0):
+    """A client's val and test class counts are its train counts rescaled to the pool sizes."""
+    train_pool = class_counts(y_train, torch.cat([s.train for s in splits]))
+    val_pool = class_counts(y_train, torch.cat([s.val for s in splits]))
+    test_pool = class_counts(y_test, torch.cat([s.test for s in splits]))
+    for s in splits:
+        share = class_counts(y_train, s.train) / train_pool
+        assert np.abs(share * val_pool - class_counts(y_train, s.val)).max() <= tol
+        assert np.abs(share * test_pool - class_counts(y_test, s.test)).max() <= tol
+
+
+def same(a, b) -> bool:
+    return all(torch.equal(x.train, y.train) and torch.equal(x.val, y.val) and torch.equal(x.test, y.test) for x, y in zip(a, b))
+
+
+# ---- partitions -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_clients, m", [(10, 2), (50, 10), (100, 20)])
+def test_label_skew_classes(num_clients, m):
+    splits = partition(Y_TRAIN, Y_TEST, num_clients, "label-skew", classes_per_client=2, seed=1)
+    assert len(splits) == num_clients
+    users = np.zeros(10, dtype=int)
+    for s in splits:
+        held = class_counts(Y_TRAIN, s.train) > 0
+        assert held.sum() == 2
+        # The same two classes in validation and test.
+        assert ((class_counts(Y_TRAIN, s.val) > 0) == held).all()
+        assert ((class_counts(Y_TEST, s.test) > 0) == held).all()
+        users += held
+    assert (users == m).all()
+    check_cover(splits)
+    check_same_distribution(splits)
+
+
+def test_label_skew_shares_follow_uniform_weights():
+    # Each class is shared by m clients with weights from U(0.4, 0.6), normalised: shares within [0.4, 0.6] / sum.
+    splits = partition(Y_TRAIN, Y_TEST, 50, classes_per_client=2, seed=3)
+    counts = np.stack([class_counts(Y_TRAIN, s.train) for s in splits])  # (clients, classes)
+    pool = counts.sum(axis=0)
+    shares = counts[counts > 0] / np.broadcast_to(pool, counts.shape)[counts > 0] * 10  # x m = 10
+    assert shares.min() > 0.4 / 0.6 - 0.01 and shares.max() < 0.6 / 0.4 + 0.01
+    assert shares.std() > 0.02  # not an equal split
+
+
+def test_cifar100_style_label_skew():
+    y_train, y_test = np.repeat(np.arange(100), 500), np.repeat(np.arange(100), 100)
+    splits = partition(y_train, y_test, 50, classes_per_client=10, seed=0)
+    held = np.stack([class_counts(y_train, s.train) > 0 for s in splits])
+    assert (held.sum(axis=1) == 10).all() and (held.sum(axis=0) == 5).all()
+    check_cover(splits, y_train, y_test)
+    check_same_distribution(splits, y_train, y_test)
+
+
+@pytest.mark.parametrize("scheme", ["label-skew", "dirichlet", "iid"])
+def test_deterministic_from_seed(scheme):
+    a = partition(Y_TRAIN, Y_TEST, 20, scheme, seed=7)
+    b = partition(Y_TRAIN, Y_TEST, 20, scheme, seed=7)
+    c = partition(Y_TRAIN, Y_TEST, 20, scheme, seed=8)
+    assert same(a, b)
+    assert not same(a, c)
+    # The validation pool itself depends on the seed.
+    assert not torch.equal(torch.cat([s.val for s in a]).sort().values, torch.cat([s.val for s in c]).sort().values)
+
+
+def test_dirichlet():
+    splits = partition(Y_TRAIN, Y_TEST, 20, "dirichlet", alpha=0.3, seed=0)
+    check_cover(splits)
+    check_same_distribution(splits)
+    counts = np.stack([class_counts(Y_TRAIN, s.train) for s in splits])
+    assert counts.std(axis=0).mean() > 50  # skewed, far from an equal 200 per client per class
+    # A larger alpha is closer to IID.
+    flat = np.stack([class_counts(Y_TRAIN, s.train) for s in partition(Y_TRAIN, Y_TEST, 20, "dirichlet", alpha=100)])
+    assert flat.std(axis=0).mean() < counts.std(axis=0).mean() / 3
+
+
+def test_iid():
+    splits = partition(Y_TRAIN, Y_TEST, 10, "iid", seed=0)
+    check_cover(splits)
+    check_same_distribution(splits)
+    train_pool = class_counts(Y_TRAIN, torch.cat([s.train for s in splits]))
+    for s in splits:
+        assert np.abs(class_counts(Y_TRAIN, s.train) - train_pool / 10).max() <= 1  # the pool split is random
+        assert (class_counts(Y_TEST, s.test) == 100).all()
+
+
+def test_val_fraction():
+    splits = partition(Y_TRAIN, Y_TEST, 10, "iid", val_fraction=0.1)
+    check_cover(splits, val_fraction=0.1)
+    splits = partition(Y_TRAIN, Y_TEST, 10, "iid", val_fraction=0.0)
+    assert sum(len(s.val) for s in splits) == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(num_clients=12, classes_per_client=2), ["multiple", "num_clients a multiple of 5"]),
+        (dict(num_clients=10, classes_per_client=11), ["classes_per_client", "between 1 and"]),
+        (dict(num_clients=10, classes_per_client=0), ["classes_per_client"]),
+        (dict(num_clients=10, scheme="pathological"), ["unknown partition scheme", "label-skew, dirichlet, iid"]),
+        (dict(num_clients=0), ["num_clients"]),
+        (dict(num_clients=10, scheme="dirichlet", alpha=0), ["alpha"]),
+        (dict(num_clients=10, val_fraction=1.0), ["val_fraction"]),
+        (dict(num_clients=2000, scheme="dirichlet", alpha=0.05), ["without training data"]),
+    ],
+)
+def test_partition_errors(kwargs, words):
+    with pytest.raises(UserError) as err:
+        partition(Y_TRAIN[::10], Y_TEST[::10], **kwargs)
+    message = str(err.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message
+
+
+# ---- sources ----------------------------------------------------------------------------------------
+
+
+def write_npz(path: Path, **arrays) -> Path:
+    np.savez(path, **arrays)
+    return path
+
+
+def good_arrays(n=40, m=10, k=4, c=3):
+    rng = np.random.default_rng(0)
+    return dict(
+        x_train=rng.integers(0, 256, (n, 8, 8, c), dtype=np.uint8),
+        y_train=np.arange(n) % k,
+        x_test=rng.integers(0, 256, (m, 8, 8, c), dtype=np.uint8),
+        y_test=(np.arange(m) % k).astype(np.int32),
+    )
+
+
+def test_npz_round_trip(tmp_path):
+    arrays = good_arrays()
+    ds = load_dataset(str(write_npz(tmp_path / "mine.npz", **arrays, classes=np.array(list("abcd")))))
+    assert ds.classes == list("abcd") and ds.num_classes == 4 and ds.image_shape == (3, 8, 8)
+    for key, value in arrays.items():
+        assert np.array_equal(getattr(ds, key), value)
+    assert ds.y_test.dtype == ds.y_train.dtype == np.int64
+    expected = arrays["x_train"].reshape(-1, 3) / 255
+    assert np.allclose(ds.mean, expected.mean(0)) and np.allclose(ds.std, expected.std(0))
+    # Without class names: "0".."K-1".
+    ds = load_dataset(str(write_npz(tmp_path / "plain.npz", **good_arrays(c=1))))
+    assert ds.classes == ["0", "1", "2", "3"] and ds.image_shape == (1, 8, 8)
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (lambda a: a.pop("y_test"), ["missing key", "y_test"]),
+        (lambda a: a.update(x_train=a["x_train"].astype(np.float32)), ["x_train", "float32", "uint8"]),
+        (lambda a: a.update(x_test=a["x_test"][..., 0]), ["x_test", "shape", "(N, H, W, C)"]),
+        (lambda a: a.update(x_test=a["x_test"][:, :4]), ["must match"]),
+        (lambda a: a.update(y_train=a["y_train"][:-1]), ["y_train", "labels for"]),
+        (lambda a: a.update(y_train=a["y_train"] * 1.0), ["y_train", "integer"]),
+        (lambda a: a.update(y_test=a["y_test"] + 2, classes=np.array(list("abcd"))), ["y_test", "[0, 4)"]),
+        (lambda a: a.update(y_train=a["y_train"] - 1), ["y_train", "non-negative"]),
+    ],
+)
+def test_npz_errors(tmp_path, change, words):
+    arrays = good_arrays()
+    change(arrays)
+    path = write_npz(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(UserError) as err:
+        load_dataset(str(path))
+    message = str(err.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message
+
+
+def test_npz_not_a_file(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_dataset(str(tmp_path / "nothing.npz"))
+    (tmp_path / "junk.npz").write_text("not a zip")
+    with pytest.raises(UserError, match="cannot read"):
+        load_dataset(str(tmp_path / "junk.npz"))
+
+
+def test_validate_arrays_accepts_good_arrays():
+    a = good_arrays()
+    validate_arrays("mine", a["x_train"], a["y_train"], a["x_test"], a["y_test"], ["a", "b", "c", "d"])
+
+
+def test_unknown_dataset():
+    with pytest.raises(UserError, match="unknown dataset 'mnist'; valid: cifar10, cifar100, synthetic"):
+        load_dataset("mnist")
+    with pytest.raises(UserError, match="synthetic:K"):
+        load_dataset("synthetic:x")
+
+
+def test_cifar_missing_offline(tmp_path):
+    with pytest.raises(UserError) as err:
+        load_dataset("cifar10", tmp_path, download=False)
+    message = str(err.value)
+    assert "\n" not in message and "cifar10 is missing in" in message and "unpack.py" in message
+
+
+def test_synthetic_dataset():
+    ds = load_dataset("synthetic", seed=3)
+    assert ds.x_train.shape == (2000, 32, 32, 3) and ds.x_test.shape == (500, 32, 32, 3)
+    assert ds.x_train.dtype == np.uint8 and ds.y_train.dtype == np.int64
+    assert (np.bincount(ds.y_train) == 200).all()  # balanced
+    assert np.array_equal(ds.x_train, synthetic_dataset(seed=3).x_train)
+    assert not np.array_equal(ds.x_train, synthetic_dataset(seed=4).x_train)
+    assert load_dataset("synthetic:20").num_classes == 20
+
+
+def test_synthetic_is_learnable():
+    # A nearest-class-mean classifier is far above chance (10%): there is signal for a CNN to find.
+    ds = synthetic_dataset()
+    x_train = ds.x_train.reshape(len(ds.x_train), -1).astype(np.float32)
+    x_test = ds.x_test.reshape(len(ds.x_test), -1).astype(np.float32)
+    means = np.stack([x_train[ds.y_train == c].mean(0) for c in range(ds.num_classes)])
+    dists = (x_test**2).sum(1)[:, None] - 2 * x_test @ means.T + (means**2).sum(1)[None]
+    assert (dists.argmin(1) == ds.y_test).mean() > 0.8
+
+
+@pytest.mark.skipif(not SHARED_CIFAR10.is_dir(), reason="no ../shared/data/cifar10 here")
+def test_real_cifar10(pytestconfig):
+    folder = pytestconfig.cache.mkdir("cifar10")  # unpacked once, kept in .pytest_cache
+    if not (folder / "cifar10.npz").exists():
+        unpack = SHARED_CIFAR10.parent / "unpack.py"
+        subprocess.run([sys.executable, str(unpack), str(SHARED_CIFAR10), str(folder / "cifar10.npz")], check=True)
+    ds = load_dataset("cifar10", folder, download=False)
+    assert ds.x_train.shape == (50000, 32, 32, 3) and ds.x_test.shape == (10000, 32, 32, 3)
+    assert ds.classes[:2] == ["airplane", "automobile"] and ds.num_classes == 10
+    assert ds.mean == (0.485, 0.456, 0.406) and ds.std == (0.229, 0.224, 0.225)  # the protocol's, not measured
+    assert (np.bincount(ds.y_train) == 5000).all() and (np.bincount(ds.y_test) == 1000).all()
+    splits = partition(ds.y_train, ds.y_test, 100, classes_per_client=2, seed=0)
+    check_cover(splits, ds.y_train, ds.y_test)
+    check_same_distribution(splits, ds.y_train, ds.y_test)
+
+
+# ---- on-device batches ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small():
+    return synthetic_dataset(train_size=300, test_size=50, seed=0)
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def test_train_batches_shapes_and_epoch(small):
+    data = DeviceData(small, torch.device("cpu"))
+    idx = torch.arange(5, 300, 3)  # 99 indices
+    batches = list(data.train_batches(idx, 32, gen(0)))
+    assert [len(y) for _, y in batches] == [32, 32, 32, 3]  # last partial batch kept
+    x, y = batches[0]
+    assert x.shape == (32, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+    # Recover which samples were drawn from the labels' order: shuffle the index set once more, unaugmented.
+    plain = DeviceData(small, torch.device("cpu"), augment=False)
+    seen = torch.cat([xb for xb, _ in plain.train_batches(idx, 32, gen(0))])
+    order = idx[torch.randperm(len(idx), generator=gen(0))]
+    assert torch.equal(seen, plain.normalise(plain.x_train[order]))  # each index exactly once, in randperm order
+    assert sorted(order.tolist()) == idx.tolist()
+    assert torch.equal(torch.cat([yb for _, yb in batches]), plain.y_train[order])
+
+
+def test_no_augmentation_equals_normalised_gather(small):
+    data = DeviceData(small, torch.device("cpu"), augment=False)
+    idx = torch.tensor([4, 0, 17])
+    x, y = next(data.eval_batches("val", idx, 8))
+    raw = torch.from_numpy(small.x_train[[4, 0, 17]]).permute(0, 3, 1, 2).float() / 255
+    mean, std = torch.tensor(small.mean).view(1, 3, 1, 1), torch.tensor(small.std).view(1, 3, 1, 1)
+    assert torch.allclose(x, (raw - mean) / std, atol=1e-5)
+    assert y.tolist() == small.y_train[[4, 0, 17]].tolist()
+    xt, yt = next(data.eval_batches("test", torch.tensor([1]), 8))
+    assert torch.allclose(xt, data.normalise(data.x_test[1:2])) and yt.tolist() == [small.y_test[1]]
+    with pytest.raises(UserError, match="valid: train, val, test"):
+        next(data.eval_batches("holdout", idx, 8))
+
+
+def test_augmentation_is_seeded(small):
+    data = DeviceData(small, torch.device("cpu"))
+    idx = torch.arange(64)
+    a = torch.cat([x for x, _ in data.train_batches(idx, 16, gen(1))])
+    b = torch.cat([x for x, _ in data.train_batches(idx, 16, gen(1))])
+    assert torch.equal(a, b)
+    # Another seed gives another order and other crops and flips.
+    c = torch.cat([x for x, _ in data.train_batches(idx, 16, gen(2))])
+    assert not torch.equal(a, c)
+
+
+def test_crop_and_flip_are_shifts_of_the_padded_image(small):
+    data = DeviceData(small, torch.device("cpu"))
+    x = data.x_train[:120]
+    out = data.crop_and_flip(x, gen(0))
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    flips, offsets = 0, set()
+    for i in range(len(x)):  # test-only loop: find each output as a (flipped) window of the padded image
+        for flip in (False, True):
+            src = padded[i].flip(-1) if flip else padded[i]
+            windows = src.unfold(1, 32, 1).unfold(2, 32, 1)  # (C, 9, 9, 32, 32)
+            hits = (windows == out[i][:, None, None]).flatten(3).all(-1).all(0).nonzero()
+            if len(hits):
+                flips += flip
+                offsets.add(tuple(hits[0].tolist()))
+                break
+        else:
+            raise AssertionError(f"augmented sample {i} is not a crop of its padded image")
+    assert 30 < flips < 90  # about half flipped
+    assert len(offsets) > 30  # many of the 81 offsets used
+    assert all(0 <= o <= 8 for pair in offsets for o in pair)
+
+
+def test_normalisation_centres_the_data(small):
+    data = DeviceData(small, torch.device("cpu"), augment=False)
+    x = torch.cat([xb for xb, _ in data.eval_batches("train", torch.arange(300), 128)])
+    assert x.mean(dim=(0, 2, 3)).abs().max() < 0.05
+    assert (x.std(dim=(0, 2, 3)) - 1).abs().max() < 0.05
+    assert data.num_classes == 10 and data.image_shape == (3, 32, 32)
