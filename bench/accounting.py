@@ -18,7 +18,8 @@ FLOP_KINDS = ("train", "eval", "server")
 
 
 def payload_bytes(payload: Mapping[str, torch.Tensor]) -> int:
-    """Bytes on the wire: numel * element size of every tensor, at the dtype sent."""
+    """Bytes on the wire: numel * element size of every tensor, at the dtype sent. Key names are
+    metadata and cost nothing (like the parameter names of a state dict)."""
     return sum(t.numel() * t.element_size() for t in payload.values())
 
 
@@ -53,6 +54,7 @@ class FlopAccountant:
     def count(self, kind: str, key: tuple | None = None, client_id: int | None = None) -> Iterator[None]:
         if kind not in FLOP_KINDS:
             raise ValueError(f"unknown FLOP kind {kind!r}; valid: {', '.join(FLOP_KINDS)}")
+        key = None if key is None else (kind, *key)
         cached = self._cache.get(key) if (self.cache_enabled and key is not None) else None
         if cached is not None:
             yield

@@ -22,16 +22,16 @@ def synthetic_device_data(num_classes: int = 10, augment: bool = True) -> tuple[
     return _DATA[key]
 
 
-def make_simulation(algo: str, *, num_classes: int = 10, augment: bool = True, seed: int = 0,
+def make_simulation(algorithm: str, /, *, num_classes: int = 10, augment: bool = True, seed: int = 0,
                     **overrides) -> Simulation:
-    """A Simulation of `algo` on a small synthetic set: 5 clients, 2 classes each, batch 32, 1 epoch."""
+    """A Simulation of `algorithm` on a small synthetic set: 5 clients, 2 classes each, batch 32, 1 epoch."""
     settings = dict(dataset="synthetic", num_clients=5, rounds=2, batch_size=32, local_epochs=1,
                     classes_per_client=2, eval_batch_size=256)
     settings.update(overrides)
     cfg = RunConfig(**settings)
     ds, data = synthetic_device_data(num_classes, augment)
     splits = client_splits(cfg, ds, seed, torch.device("cpu"))
-    return Simulation(cfg, resolve_algorithms([algo])[0], seed, data, splits, torch.device("cpu"))
+    return Simulation(cfg, resolve_algorithms([algorithm])[0], seed, data, splits, torch.device("cpu"))
 
 
 @pytest.fixture

@@ -1,0 +1,98 @@
+"""FML (Shen et al. 2020, Federated Mutual Learning): a private heterogeneous model P and a homogeneous
+"meme" model M (default CNN-5) trained together by deep mutual learning; only M is federated.
+
+Each step, with p = P(x), m = M(x):
+  L_P = alpha CE(p, y) + (1 - alpha) KL(softmax(m).detach || softmax(p))
+  L_M = beta  CE(m, y) + (1 - beta)  KL(softmax(p).detach || softmax(m))
+(KL with reduction batchmean). P and M have their own optimizers and clipping; because the cross terms
+are detached, one backward of L_P + L_M gives P exactly dL_P/dP and M exactly dL_M/dM.
+Round: the server sends the global M, the client trains (P, M) for E epochs and uploads its M, the server
+takes the n_k-weighted average. Inference: P.
+
+Payloads: down and up are the meme's state dict (4 x its parameter count bytes for the CNNs, which have
+no buffers). The client's copy of M is replaced by the global one every round, so it is not personal
+state: one working copy, owned by the algorithm, is loaded and trained for each sampled client in turn.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from algorithms.base import Algorithm, Payload, load_payload, state_payload, weighted_average
+from bench.errors import UserError
+from bench.registry import register
+from models.groups import ARCHITECTURES
+
+
+@dataclass
+class FMLHyperparams:
+    alpha: float = 0.5        # weight of CE in the private model's loss L_P
+    beta: float = 0.5         # weight of CE in the meme's loss L_M
+    meme_arch: str = "cnn5"   # architecture of the shared meme M (SPEC: cnn5, option cnn1; any model works)
+
+    def validate(self) -> None:
+        for field in ("alpha", "beta"):
+            value = getattr(self, field)
+            if not 0.0 <= value <= 1.0:
+                raise UserError(f"fml.{field} must be in [0, 1], got {value}")
+        if self.meme_arch not in ARCHITECTURES:
+            raise UserError(f"fml.meme_arch must be one of {', '.join(ARCHITECTURES)}, got {self.meme_arch!r}")
+
+
+def kl_to(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(teacher).detach || softmax(student)), batchmean: gradient flows into the student only."""
+    return F.kl_div(F.log_softmax(student_logits, dim=1), F.softmax(teacher_logits, dim=1).detach(),
+                    reduction="batchmean")
+
+
+def mutual_losses(p: torch.Tensor, m: torch.Tensor, y: torch.Tensor, alpha: float,
+                  beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_P, L_M) of deep mutual learning for private logits p and meme logits m."""
+    loss_p = alpha * F.cross_entropy(p, y) + (1 - alpha) * kl_to(p, m)
+    loss_m = beta * F.cross_entropy(m, y) + (1 - beta) * kl_to(m, p)
+    return loss_p, loss_m
+
+
+@register
+class FML(Algorithm):
+    name = "fml"
+    description = "federated mutual learning: private model and a shared meme model distil into each other"
+    Hyperparams = FMLHyperparams
+
+    @classmethod
+    def estimated_cost(cls, hp, cfg) -> float:
+        return 1.6 if hp.meme_arch == "cnn5" else 2.0  # private model plus the meme, both trained
+
+    def new_meme(self):
+        return self.ctx.build_model(self.hp.meme_arch)
+
+    def init_server(self) -> None:
+        self.global_meme = self.new_meme()
+        self.work_meme = self.new_meme()  # the sampled client's copy during its local training
+
+    def init_client(self, client) -> None:
+        client.state["model"] = self.ctx.build_model(client.arch)
+
+    def server_payload(self, client, round_index: int) -> Payload:
+        return state_payload(self.global_meme)
+
+    def client_update(self, client, payload: Payload, round_index: int) -> Payload:
+        private, meme = client.state["model"].train(), self.work_meme.train()
+        load_payload(meme, payload)
+        alpha, beta = self.hp.alpha, self.hp.beta
+
+        def loss_fn(x, y):
+            loss_p, loss_m = mutual_losses(private(x), meme(x), y, alpha, beta)
+            return loss_p + loss_m
+
+        self.ctx.train(client, [private, meme], loss_fn, self.ctx.cfg.local_epochs,
+                       phase=f"mutual-{self.hp.meme_arch}")
+        return state_payload(meme)
+
+    def aggregate(self, uploads: dict[int, Payload], round_index: int) -> None:
+        load_payload(self.global_meme, weighted_average(uploads, self.ctx.client_weights))
+
+    def predict(self, client, x):
+        return client.state["model"].eval()(x)
