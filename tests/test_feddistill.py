@@ -80,7 +80,7 @@ def capture_training(sim, client):
 
 
 def train_phases(sim) -> set[str]:
-    return {key[1] for key in sim.accountant._cache if key[1] not in ("eval", "eval-phase1")}
+    return {key[2] for key in sim.accountant._cache if key[0] == "train"}  # (kind, algo, phase, ...)
 
 
 def class_means(outputs, labels):
