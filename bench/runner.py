@@ -159,9 +159,9 @@ def run_invocation(cfg: RunConfig, *, show_progress: bool = True, use_mlflow: bo
             for t in trackers:
                 t.end_run(key, summary, clients, status)
 
-    from reports.plots import accuracy_curves
+    from reports.report import run_report
 
-    plots = accuracy_curves(root, root / "plots", title=f"{dataset.name}, N={cfg.num_clients}, C={cfg.participation}")
+    plots = run_report(root, title=f"{dataset.name}, N={cfg.num_clients}, C={cfg.participation}")
     for t in trackers:
         t.end_invocation([root / "summary.csv", *plots], "FAILED" if outcome.failed else "FINISHED")
     progress.echo(f"done: results in {root}")
