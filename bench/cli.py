@@ -92,6 +92,9 @@ def ui(output_dir: str, tracking_uri: str | None, port: int) -> None:
                     "--host", "127.0.0.1", "--port", str(port)], check=False)
 
 
+# ---- commands defined in other modules (registered here, so `bench --help` lists them) ----
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)

@@ -117,47 +117,11 @@ def run_invocation(cfg: RunConfig, *, show_progress: bool = True, use_mlflow: bo
                           + f"; total ~{fmt_duration(sum(estimate.values()))}")
         for algo_cls in algo_classes:
             key = run_key(algo_cls.name, seed)
-            hparams = algo_cls.make_hparams(cfg.algo.get(algo_cls.name))
-            params = {**config, "algorithm": algo_cls.name, "seed": seed, "hparams": vars(hparams)}
-            tags = {"algorithm": algo_cls.name, "dataset": dataset.name, "seed": str(seed),
-                    "setting": f"N={cfg.num_clients},C={cfg.participation}", "model_group": cfg.model_group}
-            for t in trackers:
-                t.start_run(key, params, tags)
-            history: list[dict[str, Any]] = []
-            clients: list[dict[str, Any]] = []
-            status = "FINISHED"
-            try:
-                sim = Simulation(cfg, algo_cls, seed, data, splits, device)
-                history.append({"step": 0, **sim.initial_metrics()})
-                for t in trackers:
-                    t.log_round(key, 0, history[-1])
-                run_start = time.perf_counter()
-                best = history[0]["acc_mean"]
-                for round_index in range(cfg.rounds):
-                    metrics = sim.run_round(round_index)
-                    if not math.isfinite(metrics["train_loss"]):
-                        raise FloatingPointError(f"non-finite training loss in round {round_index + 1}")
-                    step = round_index + 1
-                    history.append({"step": step, **metrics})
-                    for t in trackers:
-                        t.log_round(key, step, metrics)
-                    best = max(best, metrics.get("acc_mean", best))
-                    progress.round_done(key, step, cfg.rounds, metrics, best, time.perf_counter() - run_start)
-                clients = sim.client_table()
-                summary = run_summary(history, target)
-            except UserError:
-                raise
-            except Exception as err:  # isolate the failure: the other algorithms still run
-                status = "FAILED"
-                reason = f"{type(err).__name__}: {err}"
-                outcome.failed[key] = reason
-                summary = {**(run_summary(history, target) if history else {}), "error": reason}
-                progress.echo(f"{key}: FAILED ({reason})")
-                if show_progress:
-                    traceback.print_exc()
+            summary, status = execute_run(cfg, algo_cls, seed, data, splits, device, trackers, progress, target,
+                                          config, dataset.name)
             outcome.summaries[key] = summary
-            for t in trackers:
-                t.end_run(key, summary, clients, status)
+            if status != "FINISHED":
+                outcome.failed[key] = summary["error"]
 
     from reports.report import run_report
 
@@ -166,3 +130,51 @@ def run_invocation(cfg: RunConfig, *, show_progress: bool = True, use_mlflow: bo
         t.end_invocation([root / "summary.csv", *plots], "FAILED" if outcome.failed else "FINISHED")
     progress.echo(f"done: results in {root}")
     return outcome
+
+
+def execute_run(cfg: RunConfig, algo_cls, seed: int, data: DeviceData, splits: list[ClientSplit],
+                device: torch.device, trackers: list[Tracker], progress: Progress, target: float,
+                config: dict[str, Any], dataset_name: str) -> tuple[dict[str, Any], str]:
+    """One (algorithm, seed) run through the round loop, every round sent to the trackers.
+    Returns (summary, status); an exception inside the run marks it FAILED instead of propagating."""
+    key = run_key(algo_cls.name, seed)
+    hparams = algo_cls.make_hparams(cfg.algo.get(algo_cls.name))
+    params = {**config, "algorithm": algo_cls.name, "seed": seed, "hparams": vars(hparams)}
+    tags = {"algorithm": algo_cls.name, "dataset": dataset_name, "seed": str(seed),
+            "setting": f"N={cfg.num_clients},C={cfg.participation}", "model_group": cfg.model_group}
+    for t in trackers:
+        t.start_run(key, params, tags)
+    history: list[dict[str, Any]] = []
+    clients: list[dict[str, Any]] = []
+    status = "FINISHED"
+    try:
+        sim = Simulation(cfg, algo_cls, seed, data, splits, device)
+        history.append({"step": 0, **sim.initial_metrics()})
+        for t in trackers:
+            t.log_round(key, 0, history[-1])
+        run_start = time.perf_counter()
+        best = history[0]["acc_mean"]
+        for round_index in range(cfg.rounds):
+            metrics = sim.run_round(round_index)
+            if not math.isfinite(metrics["train_loss"]):
+                raise FloatingPointError(f"non-finite training loss in round {round_index + 1}")
+            step = round_index + 1
+            history.append({"step": step, **metrics})
+            for t in trackers:
+                t.log_round(key, step, metrics)
+            best = max(best, metrics.get("acc_mean", best))
+            progress.round_done(key, step, cfg.rounds, metrics, best, time.perf_counter() - run_start)
+        clients = sim.client_table()
+        summary = run_summary(history, target)
+    except UserError:
+        raise
+    except Exception as err:  # isolate the failure: the other algorithms still run
+        status = "FAILED"
+        reason = f"{type(err).__name__}: {err}"
+        summary = {**(run_summary(history, target) if history else {}), "error": reason}
+        progress.echo(f"{key}: FAILED ({reason})")
+        if progress.enabled:
+            traceback.print_exc()
+    for t in trackers:
+        t.end_run(key, summary, clients, status)
+    return summary, status
