@@ -24,7 +24,7 @@ def main() -> int:
     cfg = load_config(options={"algorithms": SEVEN, "dataset": "cifar10", "num_clients": 10, "rounds": args.rounds,
                                "output_dir": args.output_dir})
     outcome = run_invocation(cfg)
-    print(f"\n{"run":<18} {'final acc':>9} {'best acc':>9}")
+    print(f"\n{'run':<18} {'final acc':>9} {'best acc':>9}")
     ok = not outcome.failed
     for key, summary in outcome.summaries.items():
         final = summary.get("final_acc", float("nan"))
