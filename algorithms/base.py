@@ -29,6 +29,9 @@ class Algorithm:
     # True when predictions depend on server state (FedAvg's global model): then every client is
     # re-evaluated each round; otherwise only the clients whose state changed (the sampled ones).
     prediction_uses_server_state: ClassVar[bool] = False
+    # Attributes left out of checkpoints by the default state_dict (besides ctx and hp): caches that
+    # init_server/__init__ rebuild identically, or objects the checkpoint format cannot hold.
+    checkpoint_exclude: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, ctx: "RunContext", hp: Any):
         self.ctx = ctx
@@ -41,8 +44,10 @@ class Algorithm:
         values = {}
         for key, value in (overrides or {}).items():
             if key not in fields:
+                from bench.config import closest
+
                 valid = ", ".join(fields) or "none"
-                raise UserError(f"unknown hyper-parameter {cls.name}.{key}; valid: {valid}")
+                raise UserError(f"unknown hyper-parameter {cls.name}.{key}{closest(key, list(fields))}; valid: {valid}")
             default = fields[key].default
             if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
@@ -59,6 +64,23 @@ class Algorithm:
     def estimated_cost(cls, hp: Any, cfg: Any) -> float:
         """Rough training cost per round relative to Standalone; used only for the up-front time estimate."""
         return 1.0
+
+    # ---- checkpointing -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The server state to checkpoint, as live objects (bench/checkpoint.py saves them). The default
+        takes every attribute except ctx, hp, `checkpoint_exclude` and behaviour (functions, classes):
+        modules, tensors, optimizers (their state dicts), torch/numpy generators, python scalars and
+        containers of these. Override this and load_state_dict for anything else."""
+        from bench.checkpoint import is_state
+
+        skip = {"ctx", "hp", *self.checkpoint_exclude}
+        return {k: v for k, v in vars(self).items() if k not in skip and is_state(v)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what state_dict returned. Modules, optimizers and generators arrive already loaded into
+        this (freshly initialised) algorithm's own objects; everything else is set as an attribute."""
+        for key, value in state.items():
+            setattr(self, key, value)
 
     # ---- hooks -------------------------------------------------------------------------------
     def init_server(self) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,8 @@ class RunConfig:
     offload_state: bool = False       # keep client states in host memory between rounds (large N on GPU)
     flop_cache: bool = True           # count each distinct step once (False: count every step)
     tracking_uri: str | None = None   # None: sqlite store in output_dir, no server needed
+    checkpoint_every: int = 1         # save the run's complete state every k rounds (0: never), for --resume
+    keep_checkpoints: bool = False    # keep a finished run's last checkpoint (default: deleted when it finishes)
     experiment: str = "mhpfl-bench"
     # Per-algorithm hyper-parameters, e.g. {"pfedlora": {"rank": 32}}; TOML tables / --set pfedlora.rank=32.
     algo: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -58,6 +61,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+# Fields that do not change a run's numbers: a results folder may be resumed with other values for them.
+NOT_RESULTS = ("data_dir", "device", "output_dir", "run_name", "tracking_uri", "experiment", "offload_state",
+               "checkpoint_every", "keep_checkpoints")
+TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
 
 
 def closest(name: str, valid: list[str]) -> str:
@@ -79,7 +86,10 @@ def apply_overrides(cfg: RunConfig, values: dict[str, Any], source: str) -> None
     for key, value in values.items():
         if isinstance(value, dict) and key not in FIELDS:
             if not is_algorithm(key):
-                raise UserError(f"{source}: unknown key {key!r}{closest(key, sorted(FIELDS))}")
+                from bench.registry import algorithms
+
+                raise UserError(f"{source}: unknown key {key!r}{closest(key, sorted(FIELDS) + list(algorithms()))}; "
+                                f"valid keys are the RunConfig fields or an algorithm table")
             cfg.algo.setdefault(canonical_algorithm_name(key), {}).update(value)
             continue
         if "." in key:
@@ -101,14 +111,14 @@ def coerce(key: str, value: Any, source: str) -> Any:
         value = value if isinstance(value, list) else [value]
         want = int if "int" in annotation else str
         if not all(isinstance(v, want) and not isinstance(v, bool) for v in value):
-            raise UserError(f"{source}: {key} must be a list of {want.__name__}, got {value!r}")
+            raise UserError(f"{source}: {key} must be a list of {want.__name__}s, got {value!r}")
         return value
     for name, kind in (("bool", bool), ("int", int), ("float", float), ("str", str)):
         if annotation.startswith(name):
             if kind is float and isinstance(value, int) and not isinstance(value, bool):
                 return float(value)
             if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                raise UserError(f"{source}: {key} must be {name}, got {value!r}")
+                raise UserError(f"{source}: {key} must be {TYPE_NAMES[name]}, got {value!r}")
             return value
     return value
 
@@ -135,6 +145,22 @@ def load_config(config_file: str | Path | None = None, preset: str = "quick",
         if not sep or not key.strip():
             raise UserError(f"--set {item!r}: expected key=value, e.g. --set rounds=5 or --set pfedlora.rank=32")
         apply_overrides(cfg, {key.strip(): parse_value(text.strip())}, f"--set {key.strip()}")
+    validate(cfg)
+    return cfg
+
+
+def config_differences(stored: dict[str, Any], cfg: RunConfig) -> list[str]:
+    """The result-changing fields in which `cfg` differs from a results folder's config.json."""
+    current = json.loads(json.dumps(cfg.to_dict(), default=str))
+    return [f"{key}: {stored.get(key)!r} there, {current[key]!r} here" for key in FIELDS
+            if key not in NOT_RESULTS and key in stored and stored[key] != current[key]]
+
+
+def from_results(stored: dict[str, Any]) -> RunConfig:
+    """The RunConfig of a results folder's config.json (its extra keys, e.g. device_resolved, ignored)."""
+    cfg = RunConfig()
+    apply_overrides(cfg, {k: v for k, v in stored.items() if k in FIELDS and k != "algo"}, "config.json")
+    cfg.algo = {name: dict(values) for name, values in (stored.get("algo") or {}).items()}
     validate(cfg)
     return cfg
 
@@ -169,8 +195,17 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"unknown model group {cfg.model_group!r}; valid: {', '.join(MODEL_GROUPS)}")
     if not cfg.seeds:
         raise UserError("seeds must hold at least one seed")
+    if any(seed < 0 for seed in cfg.seeds):
+        raise UserError(f"seeds must be non-negative integers, got {cfg.seeds}")
+    if len(set(cfg.seeds)) != len(cfg.seeds):
+        raise UserError(f"seeds must be distinct, got {cfg.seeds}")
+    if cfg.checkpoint_every < 0:
+        raise UserError(f"checkpoint_every must be a non-negative integer (0 = no checkpoints), "
+                        f"got {cfg.checkpoint_every}")
     if not cfg.algorithms:
         raise UserError("no algorithm given; use --algo NAME (see `bench list`)")
     cfg.algorithms = [cls.name for cls in resolve_algorithms(cfg.algorithms)]
+    if len(set(cfg.algorithms)) != len(cfg.algorithms):
+        raise UserError(f"each algorithm may be given once, got {cfg.algorithms}")
     for name, overrides in cfg.algo.items():
         resolve_algorithms([name])[0].make_hparams(overrides)

@@ -1,10 +1,17 @@
 """One `bench run` invocation: load data once, then for each seed and algorithm run the round loop and
-send every round to the trackers. One failing algorithm does not stop the others."""
+send every round to the trackers. One failing algorithm does not stop the others.
+
+Bad input is refused before anything is written. Each round goes to the results folder, then (every
+`checkpoint_every` rounds) the run's complete state to <run dir>/checkpoint/state.pt, then to MLflow; a
+resumed invocation (`--resume`, `bench resume`) skips finished runs and continues the others from their
+checkpoints, bit-identically on the CPU."""
 from __future__ import annotations
 
+import json
 import math
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -12,11 +19,13 @@ from typing import Any
 
 import torch
 
-from bench.config import RunConfig
+from bench.accounting import FlopAccountant
+from bench.checkpoint import CheckpointError, Packer, RunCheckpoint, unpack
+from bench.config import RunConfig, config_differences
 from bench.errors import UserError
 from bench.progress import Progress, fmt_duration
 from bench.registry import resolve_algorithms
-from bench.simulator import Simulation
+from bench.simulator import RunContext, Simulation
 from bench.summary import default_target, run_summary
 from bench.tracking import ResultsFolder, Tracker, default_tracking_uri, make_mlflow_tracker
 from data.device_data import DeviceData
@@ -29,6 +38,8 @@ class InvocationResult:
     root: Path
     summaries: dict[str, dict[str, Any]] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # run key -> reason
+    skipped: list[str] = field(default_factory=list)      # runs already finished in the folder (resume)
+    mlflow_unsynced: bool = False                           # MLflow misses part of it: `bench sync` uploads
 
 
 def resolve_device(name: str) -> torch.device:
@@ -80,19 +91,94 @@ def estimate_seconds(cfg: RunConfig, data: DeviceData, splits: list[ClientSplit]
     return out
 
 
-def run_invocation(cfg: RunConfig, *, show_progress: bool = True, use_mlflow: bool = True) -> InvocationResult:
+def check_algorithms(cfg: RunConfig, algo_classes: list, data: DeviceData, splits: list[ClientSplit],
+                     device: torch.device) -> None:
+    """Construct each algorithm once (cheap: no client state) so a setting it refuses (a UserError) is
+    reported before anything runs or is written."""
+    from models.groups import MODEL_GROUPS, is_homogeneous
+
+    for cls in algo_classes:
+        if cls.homogeneous_only and not is_homogeneous(cfg.model_group):
+            raise UserError(f"{cls.name} needs a model-homogeneous group, got {cfg.model_group!r}; "
+                            f"valid: {', '.join(g for g in MODEL_GROUPS if is_homogeneous(g))}")
+        ctx = RunContext(cfg, data, device, cfg.seeds[0], cls.name, FlopAccountant(), splits)
+        cls(ctx, cls.make_hparams(cfg.algo.get(cls.name)))
+
+
+NEEDS_RUN_NAME = "--resume needs --run-name NAME (the run to continue), or use `bench resume RESULTS_DIR`"
+
+
+def results_root(cfg: RunConfig, resume: bool) -> tuple[Path, bool]:
+    """(<output-dir>/<run-name>, whether it holds a run to continue). Without a run name: a new timestamped
+    folder, made unique with a suffix when another process took the same second. Refuses a folder that
+    holds another run's results, or this run's without --resume."""
+    output_dir = Path(cfg.output_dir)
+    if cfg.run_name is None:
+        if resume:
+            raise UserError(NEEDS_RUN_NAME)
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for attempt in range(1, 1000):
+            root = output_dir / (stamp if attempt == 1 else f"{stamp}-{attempt}")
+            try:
+                root.mkdir()
+                return root, False
+            except FileExistsError:
+                continue
+        raise UserError(f"cannot create a new results folder under {output_dir}; give --run-name")
+    root = output_dir / cfg.run_name
+    stored_path = root / "config.json"
+    if not stored_path.exists():
+        return root, False
+    try:
+        stored = json.loads(stored_path.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"{root} holds an unreadable config.json; choose another --run-name or --output-dir") from None
+    differences = config_differences(stored, cfg)
+    if differences:
+        what = "; ".join(differences[:3]) + ("; ..." if len(differences) > 3 else "")
+        if resume:
+            raise UserError(f"cannot resume {root}: it holds a different run ({what}); "
+                            f"use `bench resume {root}` to continue that run as it was configured")
+        raise UserError(f"{root} holds a different run's results ({what}); choose another --run-name or "
+                        f"--output-dir")
+    if not resume:
+        raise UserError(f"{root} already holds the results of this run; pass --resume to continue it, "
+                        f"or choose another --run-name or --output-dir")
+    return root, True
+
+
+def run_invocation(cfg: RunConfig, *, show_progress: bool = True, use_mlflow: bool = True,
+                   resume: bool = False) -> InvocationResult:
+    """Run every (seed, algorithm) of `cfg`. `resume=True` continues the results folder
+    <output_dir>/<run_name> if it holds this run (finished runs are kept, the others continue from their
+    last checkpoint), and starts it otherwise."""
     device = resolve_device(cfg.device)
     algo_classes = resolve_algorithms(cfg.algorithms)
+    if resume and cfg.run_name is None:
+        raise UserError(NEEDS_RUN_NAME)
     dataset = load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None, seed=cfg.seeds[0])
     data = DeviceData(dataset, device, augment=cfg.augment)
+    splits_by_seed = {seed: client_splits(cfg, dataset, seed, device) for seed in cfg.seeds}
+    check_algorithms(cfg, algo_classes, data, splits_by_seed[cfg.seeds[0]], device)
     target = cfg.target_accuracy or default_target(dataset.num_classes)
-    name = cfg.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
+    root, resuming = results_root(cfg, resume)
+    name = root.name
     output_dir = Path(cfg.output_dir)
-    root = output_dir / name
-    if (root / "config.json").exists():
-        raise UserError(f"{root} already holds the results of a run; choose another --run-name or --output-dir")
 
     results = ResultsFolder(root)
+    results.acquire()
+    try:
+        return _run_invocation(cfg, algo_classes, dataset, data, splits_by_seed, device, target, results, name,
+                               output_dir, resuming, show_progress, use_mlflow)
+    finally:
+        results.release()
+
+
+def _run_invocation(cfg, algo_classes, dataset, data, splits_by_seed, device, target, results: ResultsFolder,
+                    name: str, output_dir: Path, resuming: bool, show_progress: bool,
+                    use_mlflow: bool) -> InvocationResult:
+    root = results.root
     trackers: list[Tracker] = [results]
     if use_mlflow:
         mlflow_tracker = make_mlflow_tracker(cfg.tracking_uri or default_tracking_uri(output_dir), cfg.experiment,
@@ -102,71 +188,151 @@ def run_invocation(cfg: RunConfig, *, show_progress: bool = True, use_mlflow: bo
     config = {**cfg.to_dict(), "run_name": name, "device_resolved": str(device), "target_acc": target,
               "torch": torch.__version__}
     for t in trackers:
-        t.start_invocation(name, config)
+        resume_hook = getattr(t, "resume_invocation", None) if resuming else None
+        (resume_hook or t.start_invocation)(name, config)
 
-    progress = Progress(cfg.rounds * len(algo_classes) * len(cfg.seeds), enabled=show_progress)
+    runs = [(seed, cls) for seed in cfg.seeds for cls in algo_classes]
+    finished = {run_key(cls.name, seed): results.finished_summary(run_key(cls.name, seed))
+                for seed, cls in runs} if resuming else {}
+    finished = {k: v for k, v in finished.items() if v is not None}
+    progress = Progress(cfg.rounds * (len(runs) - len(finished)), enabled=show_progress)
     progress.echo(f"bench: {', '.join(c.name for c in algo_classes)} on {dataset.name} "
                   f"({cfg.num_clients} clients, C={cfg.participation}, {cfg.rounds} rounds, E={cfg.local_epochs}, "
-                  f"seeds {cfg.seeds}) on {device}; results in {root}")
+                  f"seeds {cfg.seeds}) on {device}; results in {root}" + ("  [resumed]" if resuming else ""))
     outcome = InvocationResult(root)
-    for seed in cfg.seeds:
-        splits = client_splits(cfg, dataset, seed, device)
-        if seed == cfg.seeds[0]:
-            estimate = estimate_seconds(cfg, data, splits, device)
-            progress.echo("estimated time: " + ", ".join(f"{k} ~{fmt_duration(v)}" for k, v in estimate.items())
-                          + f"; total ~{fmt_duration(sum(estimate.values()))}")
-        for algo_cls in algo_classes:
+    status = None
+    try:
+        estimated = False
+        for seed, algo_cls in runs:
             key = run_key(algo_cls.name, seed)
-            summary, status = execute_run(cfg, algo_cls, seed, data, splits, device, trackers, progress, target,
-                                          config, dataset.name)
+            if key in finished:
+                summary = {k: v for k, v in finished[key].items() if k != "status"}
+                outcome.summaries[key] = summary
+                outcome.skipped.append(key)
+                results.record_summary(key, summary, "FINISHED")
+                for t in trackers:  # e.g. killed after the folder had its end but before MLflow did
+                    if hasattr(t, "sync_run"):
+                        t.sync_run(key)
+                progress.echo(f"{key}: already finished in {root}; kept")
+                continue
+            if not estimated:
+                estimated = True
+                estimate = estimate_seconds(cfg, data, splits_by_seed[seed], device)
+                progress.echo("estimated time: " + ", ".join(f"{k} ~{fmt_duration(v)}" for k, v in estimate.items())
+                              + f"; total ~{fmt_duration(sum(estimate.values()))}")
+            summary, run_status = execute_run(cfg, algo_cls, seed, data, splits_by_seed[seed], device, trackers,
+                                              progress, target, config, dataset.name, resume=resuming)
             outcome.summaries[key] = summary
-            if status != "FINISHED":
+            if run_status != "FINISHED":
                 outcome.failed[key] = summary["error"]
+        status = "FAILED" if outcome.failed else "FINISHED"
+    finally:
+        if status is None:  # a UserError raised inside a run: close the trackers, then report it
+            for t in trackers:
+                t.end_invocation([root / "summary.csv"], "FAILED")
+    plots = []
+    try:
+        from reports.report import run_report
 
-    from reports.report import run_report
-
-    plots = run_report(root, title=f"{dataset.name}, N={cfg.num_clients}, C={cfg.participation}")
+        plots = run_report(root, title=f"{dataset.name}, N={cfg.num_clients}, C={cfg.participation}")
+    except Exception as err:  # figures are a convenience: never lose a run's results over them
+        warnings.warn(f"could not draw the plots of {root} ({type(err).__name__}: {err})", stacklevel=2)
     for t in trackers:
-        t.end_invocation([root / "summary.csv", *plots], "FAILED" if outcome.failed else "FINISHED")
+        t.end_invocation([root / "summary.csv", *plots], status)
+    outcome.mlflow_unsynced = bool(use_mlflow and results.mlflow_info().get("unsynced"))
     progress.echo(f"done: results in {root}")
+    if outcome.mlflow_unsynced:
+        progress.echo(f"note: MLflow misses part of this invocation; upload it with `bench sync {root}`")
     return outcome
+
+
+def publish(trackers: list[Tracker], key: str, step: int, metrics: dict[str, float], between=None) -> None:
+    """Send one round: durable trackers (the results folder) first, then `between` (the checkpoint), then
+    the others (MLflow), so a crash never leaves MLflow ahead of the results folder."""
+    for t in trackers:
+        if getattr(t, "durable", False):
+            t.log_round(key, step, metrics)
+    if between is not None:
+        between()
+    for t in trackers:
+        if not getattr(t, "durable", False):
+            t.log_round(key, step, metrics)
 
 
 def execute_run(cfg: RunConfig, algo_cls, seed: int, data: DeviceData, splits: list[ClientSplit],
                 device: torch.device, trackers: list[Tracker], progress: Progress, target: float,
-                config: dict[str, Any], dataset_name: str) -> tuple[dict[str, Any], str]:
+                config: dict[str, Any], dataset_name: str, *, resume: bool = False) -> tuple[dict[str, Any], str]:
     """One (algorithm, seed) run through the round loop, every round sent to the trackers.
-    Returns (summary, status); an exception inside the run marks it FAILED instead of propagating."""
+    Returns (summary, status); an exception inside the run (or a non-finite training loss, detected in the
+    round it appears) marks it FAILED instead of propagating. With a ResultsFolder among the trackers the
+    run checkpoints every cfg.checkpoint_every rounds; `resume=True` continues from that checkpoint."""
     key = run_key(algo_cls.name, seed)
     hparams = algo_cls.make_hparams(cfg.algo.get(algo_cls.name))
     params = {**config, "algorithm": algo_cls.name, "seed": seed, "hparams": vars(hparams)}
     tags = {"algorithm": algo_cls.name, "dataset": dataset_name, "seed": str(seed),
             "setting": f"N={cfg.num_clients},C={cfg.participation}", "model_group": cfg.model_group}
+    folder = next((t for t in trackers if isinstance(t, ResultsFolder)), None)
+    checkpoint = RunCheckpoint(folder.run_dir(key) / "checkpoint") if folder and cfg.checkpoint_every > 0 else None
+    saved = None
+    if resume and checkpoint is not None and checkpoint.exists():
+        try:
+            saved = checkpoint.load()
+        except CheckpointError as err:
+            warnings.warn(f"{key}: {err}; this run starts over", stacklevel=2)
+    start_step = saved[1]["step"] if saved is not None else (-1 if resume else None)
     for t in trackers:
-        t.start_run(key, params, tags)
+        if start_step is None or not hasattr(t, "resume_run"):
+            t.start_run(key, params, tags)
+        else:
+            t.resume_run(key, params, tags, start_step)
     history: list[dict[str, Any]] = []
     clients: list[dict[str, Any]] = []
     status = "FINISHED"
+
+    def save_checkpoint(sim: Simulation, step: int) -> None:
+        nonlocal checkpoint
+        try:
+            tensors, sim_meta = sim.state_dict()
+            packer = Packer()
+            meta = {"run": key, "step": step, "history": packer.pack(history, "history"), "sim": sim_meta}
+            checkpoint.save(tensors | packer.tensors, meta)
+        except Exception as err:  # e.g. a full disk, or state the format cannot hold: the run goes on
+            warnings.warn(f"{key}: checkpoint after round {step} failed ({type(err).__name__}: {err}); "
+                          "the run continues without checkpoints", stacklevel=2)
+            checkpoint = None
+
     try:
         sim = Simulation(cfg, algo_cls, seed, data, splits, device)
-        history.append({"step": 0, **sim.initial_metrics()})
-        for t in trackers:
-            t.log_round(key, 0, history[-1])
-        run_start = time.perf_counter()
-        best = history[0]["acc_mean"]
-        for round_index in range(cfg.rounds):
+        if saved is not None:
+            tensors, meta = saved
+            try:
+                if meta.get("run") != key:
+                    raise ValueError(f"it belongs to run {meta.get('run')!r}, not {key!r}")
+                sim.load_state_dict(tensors, meta["sim"])
+                history = unpack(meta["history"], tensors)
+            except Exception as err:
+                raise CheckpointError(f"cannot restore {checkpoint.file} ({type(err).__name__}: {err}); "
+                                      "delete it to start this run over") from err
+            progress.echo(f"{key}: resuming after round {meta['step']} from {checkpoint.file}")
+        else:
+            history.append({"step": 0, **sim.initial_metrics()})
+            publish(trackers, key, 0, history[-1])
+        best = max(h.get("acc_mean", -math.inf) for h in history)
+        for round_index in range(sim.rounds_done, cfg.rounds):
             metrics = sim.run_round(round_index)
             if not math.isfinite(metrics["train_loss"]):
                 raise FloatingPointError(f"non-finite training loss in round {round_index + 1}")
             step = round_index + 1
             history.append({"step": step, **metrics})
-            for t in trackers:
-                t.log_round(key, step, metrics)
+            due = checkpoint is not None and step % cfg.checkpoint_every == 0 and step < cfg.rounds
+            publish(trackers, key, step, metrics, (lambda: save_checkpoint(sim, step)) if due else None)
             best = max(best, metrics.get("acc_mean", best))
-            progress.round_done(key, step, cfg.rounds, metrics, best, time.perf_counter() - run_start)
+            progress.round_done(key, step, cfg.rounds, metrics, best, metrics.get("cum_round_time", 0.0))
         clients = sim.client_table()
         summary = run_summary(history, target)
-    except UserError:
+    except UserError as err:
+        for t in trackers:
+            t.end_run(key, {**(run_summary(history, target) if history else {}), "error": str(err)}, [], "FAILED")
         raise
     except Exception as err:  # isolate the failure: the other algorithms still run
         status = "FAILED"
@@ -177,4 +343,6 @@ def execute_run(cfg: RunConfig, algo_cls, seed: int, data: DeviceData, splits: l
             traceback.print_exc()
     for t in trackers:
         t.end_run(key, summary, clients, status)
+    if status == "FINISHED" and checkpoint is not None and not cfg.keep_checkpoints:
+        checkpoint.remove()
     return summary, status

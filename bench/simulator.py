@@ -16,6 +16,7 @@ from torch import nn
 
 from algorithms.base import Algorithm, Payload
 from bench.accounting import FlopAccountant, transmit
+from bench.checkpoint import Packer, rng_state, set_rng_state, unpack
 from bench.config import RunConfig
 from bench.state import ClientStore
 from data.device_data import DeviceData
@@ -60,6 +61,7 @@ class RunContext:
         self.generator.manual_seed(seed * 1000 + AUGMENT_STREAM)
         self.round_metrics: dict[str, list[tuple[torch.Tensor, float]]] = {}
         self.last_train_loss = torch.full((), float("nan"))  # mean loss of the latest ctx.train call
+        self.round_losses: list[tuple[int, str, torch.Tensor]] = []  # (client, phase, mean loss) this round
 
     # ---- models and optimisers ------------------------------------------------------------------
     def build_model(self, arch: str) -> SplitModel:
@@ -104,6 +106,7 @@ class RunContext:
                 loss_sum += loss.detach() * len(y)
                 seen += len(y)
         self.last_train_loss = loss_sum / max(seen, 1)
+        self.round_losses.append((client.id, phase, self.last_train_loss))
         return self.last_train_loss
 
     # ---- evaluation -------------------------------------------------------------------------------
@@ -166,6 +169,7 @@ class Simulation:
         self.bytes_up: dict[int, int] = {c.id: 0 for c in self.clients}
         self.bytes_down: dict[int, int] = {c.id: 0 for c in self.clients}
         self.cumulative: dict[str, float] = {}
+        self.rounds_done = 0
 
     def sample_clients(self) -> list[int]:
         return sorted(self.sampler.choice(self.cfg.num_clients, size=self.per_round, replace=False).tolist())
@@ -175,6 +179,7 @@ class Simulation:
         start = time.perf_counter()
         flops_before = self.accountant.snapshot()
         self.ctx.round_metrics = {}
+        self.ctx.round_losses = []
         sampled = self.sample_clients()
         uploads: dict[int, Payload] = {}
         train_losses = []
@@ -191,6 +196,7 @@ class Simulation:
             self.bytes_down[cid] += down
             up_total += up
             down_total += down
+        check_finite(self.ctx.round_losses, round_index)
         with self.accountant.count("server"):
             self.algo.aggregate(uploads, round_index)
         for cid in sampled:  # optional post-aggregation broadcast to this round's clients
@@ -220,6 +226,7 @@ class Simulation:
         for kind in flops_after:
             metrics[f"{kind}_flops"] = flops_after[kind] - flops_before[kind]
         metrics["round_time"] = time.perf_counter() - start
+        self.rounds_done = round_index + 1
         return self.accumulate(metrics)
 
     def accumulate(self, metrics: dict[str, float]) -> dict[str, float]:
@@ -263,6 +270,72 @@ class Simulation:
                 "state_bytes": self.store.state_bytes(c.id),
             })
         return rows
+
+
+    # ---- checkpointing ------------------------------------------------------------------------------
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Everything the rest of the run depends on, as (tensors, JSON): rounds done, every client's
+        personal state, the algorithm's server state, all RNG states (client sampler, augmentation
+        generator, torch/numpy/python globals), FLOP totals and cache, evaluation caches, bytes, cumulative
+        sums. Call between rounds (every client state checked in)."""
+        packer = Packer()
+        evals = {name: {cid: [e.correct, e.count, e.loss] for cid, e in table.items()}
+                 for name, table in (("test", self.test_evals), ("val", self.val_evals))}
+        meta = {
+            "rounds_done": self.rounds_done,
+            "clients": [packer.pack(c.state, f"client/{c.id}") for c in self.clients],
+            "server": packer.pack(self.algo.state_dict(), "server"),
+            "rng": {"sampler": packer.pack(self.sampler, "rng/sampler"),
+                    "augment": packer.pack(self.ctx.generator, "rng/augment"), **rng_state(packer)},
+            "accountant": packer.pack({"totals": dict(self.accountant.totals),
+                                       "by_client": dict(self.accountant.by_client),
+                                       "cache": self.accountant._cache}, "accountant"),
+            "evals": packer.pack(evals, "evals"),
+            "bytes": packer.pack({"up": self.bytes_up, "down": self.bytes_down}, "bytes"),
+            "cumulative": self.cumulative,
+        }
+        return packer.tensors, meta
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Restore `state_dict()` into this freshly built Simulation (same config, algorithm and seed)."""
+        if len(meta["clients"]) != len(self.clients):
+            raise ValueError(f"checkpoint holds {len(meta['clients'])} clients, this run has {len(self.clients)}")
+        for client, spec in zip(self.clients, meta["clients"]):
+            restored = unpack(spec, tensors, client.state, self.device, f"client/{client.id}")
+            client.state.clear()
+            client.state.update(restored)
+            self.store.put(client.id, client.state)
+        self.algo.load_state_dict(unpack(meta["server"], tensors, self.algo.state_dict(), self.device, "server"))
+        rng = meta["rng"]
+        self.sampler = unpack(rng["sampler"], tensors, self.sampler)
+        unpack(rng["augment"], tensors, self.ctx.generator)
+        set_rng_state(rng, tensors)
+        acc = unpack(meta["accountant"], tensors)
+        self.accountant.totals.clear()
+        self.accountant.totals.update(acc["totals"])
+        self.accountant.by_client.clear()
+        self.accountant.by_client.update(acc["by_client"])
+        self.accountant._cache = dict(acc["cache"])
+        evals = unpack(meta["evals"], tensors)
+        self.test_evals = {cid: ClientEval(*v) for cid, v in evals["test"].items()}
+        self.val_evals = {cid: ClientEval(*v) for cid, v in evals["val"].items()}
+        sent = unpack(meta["bytes"], tensors)
+        self.bytes_up, self.bytes_down = sent["up"], sent["down"]
+        self.cumulative = dict(meta["cumulative"])
+        self.rounds_done = meta["rounds_done"]
+
+
+def check_finite(losses: list[tuple[int, str, torch.Tensor]], round_index: int) -> None:
+    """Fail the round in which a training loss first turns NaN or infinite, naming the client and phase
+    (one host sync per round)."""
+    if not losses:
+        return
+    finite = torch.isfinite(torch.stack([loss.detach().float().reshape(()) for _, _, loss in losses]).cpu())
+    if not bool(finite.all()):
+        i = int((~finite).nonzero()[0])
+        cid, phase, loss = losses[i]
+        raise FloatingPointError(f"non-finite training loss ({float(loss)}) in round {round_index + 1}, "
+                                 f"client {cid}, phase {phase!r}")
 
 
 def summarise(test: dict[int, ClientEval], val: dict[int, ClientEval]) -> dict[str, float]:

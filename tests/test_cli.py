@@ -74,25 +74,7 @@ def test_toml_config_and_set_overrides(tmp_path):
     assert (paper.rounds, paper.local_epochs, paper.batch_size) == (500, 10, 512)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["run", "--algo", "fedfoo"], "unknown algorithm 'fedfoo'; valid: "),
-    (["run", "--algo", "pfedlora", "--dataset", "mnist"], "unknown dataset 'mnist'; valid: cifar10, cifar100"),
-    (["run", "--algo", "pfedlora", "--device", "tpu"], "unknown device 'tpu'; valid: auto, cpu, cuda"),
-    (["run", "--algo", "pfedlora", "--participation", "1.5"], "participation must be in (0, 1]"),
-    (["run", "--algo", "pfedlora", "--rounds", "0"], "rounds must be a positive integer"),
-    (["run", "--algo", "pfedlora", "--set", "roundz=3"], "unknown key 'roundz' (did you mean 'rounds'?)"),
-    (["run", "--algo", "pfedlora", "--set", "pfedlora.placement=\"x\""], "pfedlora.placement must be one of"),
-    (["run", "--algo", "pfedlora", "--model-group", "vit"], "unknown model group 'vit'; valid: cnn-hetero"),
-    (["run", "--algo", "pfedlora", "--partition", "shards"], "unknown partitioner 'shards'; valid: label-skew"),
-    (["run", "--algo", "pfedlora", "--rounds", "abc"], "'abc' is not a valid integer"),
-    (["run", "--bogus"], "No such option '--bogus'"),
-])
-def test_bad_input_is_one_line_exit_2(args, message):
-    result = bench(*args)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
-    assert "Traceback" not in result.stderr
+# Bad input (one line, exit 2, nothing written): the table in tests/test_reliability.py, run in-process.
 
 
 def test_list_shows_every_kind_of_component():
