@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -40,8 +41,10 @@ def cli(debug: bool) -> None:
 @click.option("--output-dir", help="Results root (also holds the default MLflow store).")
 @click.option("--run-name", help="Results subfolder and MLflow parent run name.")
 @click.option("--tracking-uri", help="MLflow tracking URI (default: sqlite store in the output dir).")
+@click.option("--checkpoint-every", type=int, help="Checkpoint each run every k rounds (0: never) [default: 1].")
+@click.option("--resume", is_flag=True, help="Continue the results folder --run-name from its checkpoints.")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
-def run(algorithms, config_file, preset, sets, quiet, **options) -> None:
+def run(algorithms, config_file, preset, sets, quiet, resume, **options) -> None:
     """Run one or more algorithms (and seeds) on one setting; log to MLflow and a results folder."""
     from bench.config import load_config
     from bench.runner import run_invocation
@@ -49,11 +52,48 @@ def run(algorithms, config_file, preset, sets, quiet, **options) -> None:
     options["algorithms"] = list(algorithms) or None
     options["seeds"] = list(options["seeds"]) or None
     cfg = load_config(config_file, preset, list(sets), options)
-    outcome = run_invocation(cfg, show_progress=not quiet)
+    finish(run_invocation(cfg, show_progress=not quiet, resume=resume))
+
+
+def finish(outcome) -> None:
+    """Exit 1 when a run failed (the others finished and were written)."""
     if outcome.failed:
         click.echo(f"error: {len(outcome.failed)} run(s) failed: " +
                    "; ".join(f"{k}: {v}" for k, v in outcome.failed.items()), err=True)
         sys.exit(1)
+
+
+@cli.command()
+@click.argument("results_dir", type=click.Path(file_okay=False))
+@click.option("--tracking-uri", help="MLflow tracking URI (default: the one the run used).")
+@click.option("--quiet", is_flag=True, help="No progress lines.")
+def resume(results_dir: str, tracking_uri: str | None, quiet: bool) -> None:
+    """Continue an interrupted run from its results folder (finished runs are kept)."""
+    from bench.config import from_results
+    from bench.runner import run_invocation
+    from bench.tracking import read_json
+
+    root = Path(results_dir)
+    stored = read_json(root / "config.json")
+    if not stored:
+        raise UserError(f"{root} is not a bench results folder (no config.json); give the folder that "
+                        "`bench run` printed, e.g. results/<run-name>")
+    cfg = from_results(stored)
+    cfg.output_dir, cfg.run_name = str(root.parent), root.name
+    cfg.tracking_uri = tracking_uri or read_json(root / "mlflow.json").get("tracking_uri") or cfg.tracking_uri
+    finish(run_invocation(cfg, show_progress=not quiet, resume=True))
+
+
+@cli.command()
+@click.argument("results_dir", type=click.Path(file_okay=False))
+@click.option("--tracking-uri", help="Store to upload to (default: the one the run used).")
+def sync(results_dir: str, tracking_uri: str | None) -> None:
+    """Upload to MLflow what a results folder holds and MLflow misses (after the store was unavailable)."""
+    from bench.tracking import sync_results
+
+    done = sync_results(Path(results_dir), tracking_uri)
+    click.echo(f"synced {done['runs']} run(s) of {results_dir} to {done['tracking_uri']}: "
+               f"{done['metric_values']} metric value(s) uploaded; invocation {done['status']}")
 
 
 @cli.command(name="list")
@@ -92,10 +132,26 @@ def ui(output_dir: str, tracking_uri: str | None, port: int) -> None:
                     "--host", "127.0.0.1", "--port", str(port)], check=False)
 
 
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Our warnings (UserWarning: store unavailable, broken plugin, ...) as one line on stderr."""
+    if issubclass(category, UserWarning) and not issubclass(category, DeprecationWarning):
+        click.echo(f"warning: {message}", err=True)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
+_default_showwarning = warnings.showwarning
+
+
 # ---- commands defined in other modules (registered here, so `bench --help` lists them) ----
+from reports.commands import paper, report  # noqa: E402
+
+cli.add_command(report)
+cli.add_command(paper)
 
 
 def main() -> None:
+    warnings.showwarning = show_warning
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:

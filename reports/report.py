@@ -1,11 +1,189 @@
-"""The report written at the end of every `bench run` (and by `bench report`)."""
+"""The report written at the end of every `bench run` (and by `bench report`): figures (PNG and PDF),
+tables (Markdown, CSV, LaTeX), the data behind the curves (CSV), and a Markdown index showing all of them.
+
+Per setting (a dataset with its N, C and partition):
+- accuracy_vs_round: mean test accuracy per round, one line per method (band: std over seeds);
+- accuracy_vs_flops / accuracy_vs_bytes: the same against cumulative client training FLOPs and bytes;
+- final_accuracy: final accuracy per method, mean +- std over seeds (figure and table);
+- client_difference: per-client accuracy of pFedLoRA minus the best baseline (figure and table);
+- cost_to_target: rounds, computation, communication to reach the target, with ratios to pFedLoRA;
+- headline: pFedLoRA vs the best baseline in the form of the paper's claims.
+With several settings, the file names get a suffix per setting and final_accuracy becomes the T1 table."""
 from __future__ import annotations
 
+import re
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from reports.plots import accuracy_curves
+from reports import analysis, plots, tables
+from reports.results import Group, Run, group_runs, label_runs, load_folder
+
+
+@dataclass
+class Item:
+    """One output of a report: a figure (png + pdf [+ data csv]) or a table (md + csv + tex)."""
+
+    kind: str                       # "figure" or "table"
+    title: str
+    files: list[Path]
+    markdown: str = ""              # a table's Markdown body, shown inline in the index
+
+
+@dataclass
+class Section:
+    heading: str
+    items: list[Item] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    level: int = 2                  # Markdown heading level of the section (items one below)
+
+
+def slug(text: str) -> str:
+    text = text.replace("%", "").replace("·", "-")
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-").lower()
+
+
+def figure_item(fig, out_dir: Path, stem: str, title: str, data: Path | None = None) -> Item:
+    files = plots.save_figure(fig, out_dir, stem)
+    return Item("figure", title, files + ([data] if data else []))
+
+
+def table_item(table: tables.Table, out_dir: Path) -> Item:
+    return Item("table", table.title, table.write(out_dir), table.markdown() +
+                "".join(f"\n\n{n}" for n in table.notes))
+
+
+def attempt(section: Section, what: str, make) -> None:
+    """Add the item(s) `make()` returns; a failure becomes a note (and a warning), never an exception, so a
+    report problem cannot fail the `bench run` whose results it draws."""
+    try:
+        made = make()
+    except Exception as err:  # noqa: BLE001 - the report must not take the run down
+        plots.plt.close("all")
+        warnings.warn(f"report: {what} failed ({type(err).__name__}: {err})", stacklevel=2)
+        section.notes.append(f"{what} could not be made: {type(err).__name__}: {err}")
+        return
+    for item in made if isinstance(made, list) else [made] if made else []:
+        section.items.append(item)
+
+
+def group_section(group: Group, out_dir: Path, suffix: str = "") -> Section:
+    """Every figure and table of one setting."""
+    section = Section(group.label)
+    title = group.label
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = out_dir / f"accuracy_curves{suffix}.csv"
+
+    def curve_figures() -> list[Item]:
+        curves = analysis.curves(group)
+        analysis.curves_long(group).to_csv(data, index=False)
+        return [figure_item(plots.accuracy_vs_round(curves, title), out_dir, f"accuracy_vs_round{suffix}",
+                            "Mean test accuracy vs round", data),
+                figure_item(plots.accuracy_vs_cost(curves, title, "flops"), out_dir, f"accuracy_vs_flops{suffix}",
+                            "Accuracy vs cumulative client training FLOPs", data),
+                figure_item(plots.accuracy_vs_cost(curves, title, "bytes"), out_dir, f"accuracy_vs_bytes{suffix}",
+                            "Accuracy vs cumulative bytes (up + down)", data)]
+
+    def final_accuracy() -> list[Item]:
+        acc = analysis.accuracy_table([group])
+        return [figure_item(plots.final_accuracy_bars(acc, title), out_dir, f"final_accuracy{suffix}",
+                            "Final accuracy per method"),
+                table_item(tables.final_accuracy_table(acc, f"final_accuracy{suffix}"), out_dir)]
+
+    def client_difference() -> list[Item]:
+        diff, ours, base = analysis.client_difference(group)
+        if not len(diff):
+            if ours is None:
+                section.notes.append("No pFedLoRA run in this setting: no per-client difference and no ratios.")
+            return []
+        return [figure_item(plots.client_difference_bars(diff, ours, base, title), out_dir,
+                            f"client_difference{suffix}",
+                            "Per-client accuracy difference, pFedLoRA minus the best baseline"),
+                table_item(tables.client_difference_table(diff, ours, base, f"client_difference{suffix}"), out_dir)]
+
+    def cost() -> list[Item]:
+        result = analysis.cost_to_target(group)
+        return [figure_item(plots.cost_bars(result, title), out_dir, f"cost_to_target{suffix}",
+                            "Rounds, computation and communication to reach the target accuracy"),
+                table_item(tables.cost_table(result, f"cost_to_target{suffix}"), out_dir)]
+
+    attempt(section, "accuracy curves", curve_figures)
+    attempt(section, "final accuracy", final_accuracy)
+    attempt(section, "per-client difference", client_difference)
+    attempt(section, "cost to target", cost)
+    return section
+
+
+def build_report(runs: list[Run], out_dir: Path, title: str = "Report", index_name: str = "report.md",
+                 group_of: dict[str, str] | None = None) -> list[Path]:
+    """Write every figure and table for these runs into out_dir; returns the files (index last)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = label_runs(runs, group_of)
+    groups = group_runs(runs)
+    sections: list[Section] = []
+    overview = Section("Overview")
+    if groups:
+        acc = analysis.accuracy_table(groups)
+        if len(groups) > 1:
+            attempt(overview, "T1 table", lambda: table_item(tables.final_accuracy_table(acc, "final_accuracy"),
+                                                             out_dir))
+        attempt(overview, "accuracy table", lambda: table_item(tables.accuracy_metrics_table(acc), out_dir))
+
+        def headline():
+            head = analysis.headline(groups)
+            return table_item(tables.headline_table(head), out_dir) if len(head) else None
+
+        attempt(overview, "headline table", headline)
+    skipped = [r for r in runs if not r.finished]
+    overview.notes += [f"Not included: {r.key} in {r.group} ({r.status}"
+                       f"{': ' + str(r.summary['error']) if 'error' in r.summary else ''})" for r in skipped]
+    if not groups:
+        overview.notes.append("No finished run to report.")
+    sections.append(overview)
+    for group in groups:
+        suffix = "" if len(groups) == 1 else "-" + slug(group.label)
+        sections.append(group_section(group, out_dir, suffix))
+    index = write_index(out_dir / index_name, title, sections)
+    files = dict.fromkeys(f for s in sections for item in s.items for f in item.files)
+    return [*files, index]
+
+
+def write_index(path: Path, title: str, sections: list[Section], preamble: str = "") -> Path:
+    """A Markdown page showing every figure (embedded PNG, links to PDF and data) and every table (inline,
+    links to CSV and LaTeX)."""
+    lines = [f"# {title}", ""]
+    if preamble:
+        lines += [preamble, ""]
+    for section in sections:
+        if not section.items and not section.notes:
+            continue
+        h = "#" * section.level
+        lines += [f"{h} {section.heading}", ""]
+        lines += [f"- {n}" for n in section.notes] + ([""] if section.notes else [])
+        for item in section.items:
+            rel = [relative(f, path.parent) for f in item.files]
+            if item.kind == "figure":
+                png = next(r for r in rel if r.endswith(".png"))
+                links = " · ".join(f"[{Path(r).suffix[1:].upper()}{' data' if r.endswith('.csv') else ''}]({r})"
+                                   for r in rel)
+                lines += [f"{h}# {item.title}", "", f"![{item.title}]({png})", "", links, ""]
+            else:
+                links = " · ".join(f"[{Path(r).suffix[1:].upper()}]({r})" for r in rel)
+                lines += [f"{h}# {item.title}", "", item.markdown, "", links, ""]
+    path.write_text("\n".join(lines))
+    return path
+
+
+def relative(path: Path, base: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(base.resolve()))
+    except ValueError:
+        return str(path)
 
 
 def run_report(root: Path, title: str) -> list[Path]:
-    """Figures for one results folder; returns the files written (logged as MLflow artifacts)."""
-    return accuracy_curves(root, root / "plots", title=title)
+    """Figures and tables for one results folder, into <root>/plots; returns the files written (the runner
+    logs them as MLflow artifacts of the parent run)."""
+    root = Path(root)
+    return build_report(load_folder(root), root / "plots", title=f"Results: {title}" if title else "Results")

@@ -1,0 +1,710 @@
+"""Declarative recipes for the paper's tables and figures (SPEC section 4): each recipe is a grid of runs
+(cells) plus the figures and tables it makes from them.
+
+A cell is one `bench run` invocation of one algorithm with one seed in one setting. Its results folder is
+`<out>/runs/<cell name>`, the name derived from its settings (readable part + hash of everything that
+changes the numbers), so recipes share cells (T1, convergence and cost use the same runs), a finished cell
+is reused instead of re-run, and a grid can be resumed or extended (more seeds, more methods) at any time.
+A cell whose folder exists but did not finish is deleted (with its MLflow runs) and run again.
+
+Scales: `full` is the SPEC protocol (500 rounds, E=10, batch 512, 3 seeds, both datasets, every method);
+`smoke` is the same grid shrunk to finish on a 2-core CPU in minutes: 3 rounds, E=1, batch 64, 1 seed, a few
+cheap methods, CIFAR-10 only, shorter sweeps, and a fixed stratified subset of the real CIFAR-10 images
+(3000 train / 1000 test images; normalisation statistics measured on the subset).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from reports import analysis, plots, tables
+from reports.report import Item, Section, figure_item, slug, table_item, write_index
+from reports.results import Group, Run, dataset_label, display_name, group_runs, load_folder
+
+MLFLOW_DB = "mlflow.db"
+
+
+# ---- scales -----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Scale:
+    name: str
+    base: dict[str, Any]                      # RunConfig fields shared by every cell
+    seeds: tuple[int, ...]
+    methods: tuple[str, ...]                  # wanted; those not registered at run time are left out
+    datasets: tuple[str, ...]
+    settings: tuple[tuple[int, float], ...]   # (N, C) of T1, convergence and cost
+    sweep_setting: tuple[int, float]          # (N, C) of the non-IID, sensitivity and ablation sweeps
+    classes: dict[str, tuple[int, ...]]       # non-IID degree: classes per client, per dataset
+    participation: tuple[float, ...]          # at N = participation_clients
+    participation_clients: int
+    ranks: tuple[int, ...]
+    e_local: int                              # E_local of the epoch sweep (the run's E)
+    epoch_diffs: tuple[int, ...]              # E_adapter - E_local
+    subset: tuple[int, int] | None = None     # (train, test) images of a stratified subset of each dataset
+
+
+BASELINES = ("feddistill", "fml", "fedkd", "lgfedavg", "fedgh", "fedapen")
+SCALES: dict[str, Scale] = {
+    "full": Scale(
+        name="full", base={"rounds": 500, "local_epochs": 10, "batch_size": 512}, seeds=(0, 1, 2),
+        methods=("pfedlora", *BASELINES, "standalone"), datasets=("cifar10", "cifar100"),
+        settings=((10, 1.0), (50, 0.2), (100, 0.1)), sweep_setting=(100, 0.1),
+        classes={"cifar10": (2, 4, 6, 8, 10), "cifar100": (10, 30, 50, 70, 90, 100)},
+        participation=(0.1, 0.3, 0.5, 0.7, 0.9, 1.0), participation_clients=100,
+        ranks=(8, 16, 32, 64, 128, 256), e_local=10, epoch_diffs=(-5, 0, 5, 10)),
+    "smoke": Scale(
+        name="smoke", base={"rounds": 3, "local_epochs": 1, "batch_size": 64}, seeds=(0,),
+        methods=("pfedlora", "lgfedavg", "fedgh", "standalone"), datasets=("cifar10",),
+        settings=((10, 1.0), (50, 0.2), (100, 0.1)), sweep_setting=(100, 0.1),
+        classes={"cifar10": (2, 6, 10), "cifar100": (10, 50, 100)},
+        participation=(0.1, 0.5, 1.0), participation_clients=100,
+        ranks=(8, 64, 256), e_local=2, epoch_diffs=(-1, 0, 2), subset=(3000, 1000)),
+}
+
+
+def default_classes(dataset: str) -> int:
+    """SPEC: 2 classes per client for CIFAR-10, 10 for CIFAR-100."""
+    return 10 if dataset == "cifar100" else 2
+
+
+# ---- cells ------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Cell:
+    dataset: str                   # logical name (cifar10, cifar100, synthetic, PATH.npz)
+    settings: tuple                # sorted (field, value) pairs of RunConfig overrides
+    algorithm: str
+    hparams: tuple                 # sorted (name, value) pairs of the algorithm's hyper-parameters
+    seed: int
+    group: str                     # the setting's label in tables and figures
+    method: str                    # the method's label (algorithm, or a variant such as 'pfedlora (joint)')
+    x: Any = None                  # the swept value (sweep recipes)
+    subset: tuple[int, int] | None = None
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return dict(self.settings)
+
+    def identity(self, sets: tuple[str, ...] = ()) -> dict[str, Any]:
+        return cell_identity(self, tuple(sets))
+
+    def key(self, sets: tuple[str, ...] = ()) -> str:
+        """Hash of the resolved configuration (defaults filled in), less what does not change the numbers
+        (device, paths, tracking), so two recipes asking for the same run share it."""
+        payload = json.dumps(self.identity(sets), sort_keys=True, default=str)
+        return hashlib.sha1(payload.encode()).hexdigest()[:8]
+
+    def name(self, sets: tuple[str, ...] = ()) -> str:
+        c = self.identity(sets)["config"]
+        hp = self.identity(sets)["non_default_hparams"]
+        parts = [Path(self.dataset).stem.replace(":", "") + (f"sub{self.subset[0]}" if self.subset else ""),
+                 f"N{c['num_clients']}", f"C{c['participation']:g}", f"k{c['classes_per_client']}",
+                 self.algorithm, *(f"{k}{v}" for k, v in sorted(hp.items())), f"s{self.seed}", self.key(sets)]
+        return "-".join(str(p).replace("/", "_") for p in parts)
+
+
+# RunConfig fields that do not change a run's numbers (where things go, how they are tracked or counted).
+NOT_IDENTITY = ("output_dir", "run_name", "data_dir", "device", "tracking_uri", "experiment", "offload_state",
+                "flop_cache", "eval_batch_size", "algorithms", "seeds", "algo", "dataset")
+
+
+@functools.lru_cache(maxsize=None)
+def cell_identity(c: "Cell", sets: tuple[str, ...]) -> dict[str, Any]:
+    from bench.config import load_config
+    from bench.registry import resolve_algorithms
+
+    options: dict[str, Any] = {**c.config, "algorithms": [c.algorithm], "seeds": [c.seed]}
+    if c.hparams:
+        options[c.algorithm] = dict(c.hparams)
+    cfg = load_config(None, "quick", list(sets), options)
+    cls = resolve_algorithms([c.algorithm])[0]
+    hparams = vars(cls.make_hparams(cfg.algo.get(cls.name)))
+    defaults = vars(cls.make_hparams(None))
+    return {"dataset": c.dataset, "subset": c.subset, "algorithm": cls.name, "seed": c.seed, "hparams": hparams,
+            "non_default_hparams": {k: v for k, v in hparams.items() if defaults.get(k) != v},
+            "config": {k: v for k, v in cfg.to_dict().items() if k not in NOT_IDENTITY}}
+
+
+def cell(scale: Scale, dataset: str, algorithm: str, seed: int, group: str, *, num_clients: int,
+         participation: float, classes: int | None = None, hparams: dict | None = None, method: str | None = None,
+         x: Any = None, **extra) -> Cell:
+    settings = {**scale.base, "num_clients": num_clients, "participation": participation,
+                "classes_per_client": classes or default_classes(dataset), **extra}
+    return Cell(dataset, tuple(sorted(settings.items())), algorithm, tuple(sorted((hparams or {}).items())), seed,
+                group, method or algorithm, x, scale.subset)
+
+
+def data_label(scale: Scale, dataset: str) -> str:
+    """CIFAR-10, or 'CIFAR-10 subset 3000/1000' at a scale that uses a subset (so no table passes it off as
+    the full dataset)."""
+    label = dataset_label(dataset)
+    return f"{label} subset {scale.subset[0]}/{scale.subset[1]}" if scale.subset else label
+
+
+def setting_group(scale: Scale, dataset: str, n: int, c: float, classes: int | None = None) -> str:
+    return (f"{data_label(scale, dataset)} · N={n}, C={100 * c:g}%, "
+            f"{classes or default_classes(dataset)} classes/client")
+
+
+# ---- recipes ----------------------------------------------------------------------------------------------------
+@dataclass
+class Recipe:
+    name: str
+    spec: str                      # the SPEC section 4 item it regenerates
+    description: str
+    grid: Callable[[Scale, list[str]], list[Cell]]
+    make: Callable[[list[Run], dict[str, Cell], Path], list[Section]]
+
+
+def methods_of(scale: Scale, registered: list[str]) -> list[str]:
+    return [m for m in scale.methods if m in registered]
+
+
+def t1_grid(scale: Scale, methods: list[str]) -> list[Cell]:
+    return [cell(scale, d, m, s, setting_group(scale, d, n, c), num_clients=n, participation=c)
+            for d in scale.datasets for (n, c) in scale.settings for m in methods for s in scale.seeds]
+
+
+def sweep_grid(scale: Scale, methods: list[str], values: Callable[[str], tuple], make_cell) -> list[Cell]:
+    return [make_cell(d, m, s, v) for d in scale.datasets for v in values(d) for m in methods for s in scale.seeds]
+
+
+def noniid_grid(scale: Scale, methods: list[str]) -> list[Cell]:
+    n, c = scale.sweep_setting
+    return sweep_grid(scale, methods, lambda d: scale.classes.get(d, (default_classes(d),)),
+                      lambda d, m, s, k: cell(scale, d, m, s, f"{data_label(scale, d)} · N={n}, C={100 * c:g}%",
+                                              num_clients=n, participation=c, classes=k, x=k))
+
+
+def participation_grid(scale: Scale, methods: list[str]) -> list[Cell]:
+    n = scale.participation_clients
+    return sweep_grid(scale, methods, lambda d: scale.participation,
+                      lambda d, m, s, c: cell(scale, d, m, s, f"{data_label(scale, d)} · N={n}, "
+                                              f"{default_classes(d)} classes/client", num_clients=n,
+                                              participation=c, x=c))
+
+
+def proposed_only(methods: list[str]) -> list[str]:
+    return [m for m in methods if m == "pfedlora"]
+
+
+def rank_grid(scale: Scale, methods: list[str]) -> list[Cell]:
+    n, c = scale.sweep_setting
+    return sweep_grid(scale, proposed_only(methods), lambda d: scale.ranks,
+                      lambda d, m, s, r: cell(scale, d, m, s, setting_group(scale, d, n, c), num_clients=n,
+                                              participation=c, hparams={"rank": r}, method=m, x=r))
+
+
+def epochs_grid(scale: Scale, methods: list[str]) -> list[Cell]:
+    n, c = scale.sweep_setting
+    e = scale.e_local
+    return sweep_grid(scale, proposed_only(methods), lambda d: tuple(k for k in scale.epoch_diffs if e + k >= 1),
+                      lambda d, m, s, k: cell(scale, d, m, s, setting_group(scale, d, n, c), num_clients=n,
+                                              participation=c, local_epochs=e,
+                                              hparams={"local_epochs": e, "adapter_epochs": e + k}, method=m, x=k))
+
+
+def ablation_grid(scale: Scale, methods: list[str]) -> list[Cell]:
+    n, c = scale.sweep_setting
+    return sweep_grid(scale, proposed_only(methods), lambda d: ("iterative", "joint"),
+                      lambda d, m, s, mode: cell(scale, d, m, s, setting_group(scale, d, n, c), num_clients=n,
+                                                 participation=c, hparams={"training": mode},
+                                                 method=f"{m} ({mode})", x=mode))
+
+
+# ---- what each recipe makes -------------------------------------------------------------------------------------
+def groups_of(runs: list[Run]) -> list[Group]:
+    return group_runs(runs)
+
+
+def suffix_of(group: Group, many: bool) -> str:
+    return "-" + slug(group.label) if many else ""
+
+
+def make_t1(runs, cells, out: Path) -> list[Section]:
+    groups = groups_of(runs)
+    acc = analysis.accuracy_table(groups)
+    section = Section("T1: final accuracy")
+    if groups:
+        section.items.append(table_item(tables.final_accuracy_table(acc, "t1_final_accuracy"), out))
+        section.items.append(table_item(tables.final_accuracy_table(acc, "t1_best_accuracy", "best_acc",
+                                                                    "Best-over-rounds"), out))
+        section.items.append(table_item(tables.final_accuracy_table(acc, "t1_val_selected_accuracy",
+                                                                    "val_selected_acc", "Validation-selected"), out))
+        section.items.append(figure_item(grouped_accuracy_bars(acc), out, "t1_final_accuracy",
+                                         "Final accuracy per method and setting"))
+    return [section]
+
+
+def make_convergence(runs, cells, out: Path) -> list[Section]:
+    groups = groups_of(runs)
+    sections = []
+    for group in groups:
+        sfx = suffix_of(group, len(groups) > 1)
+        section = Section(f"Convergence: {group.label}")
+        data = out / f"accuracy_curves{sfx}.csv"
+        out.mkdir(parents=True, exist_ok=True)
+        analysis.curves_long(group).to_csv(data, index=False)
+        section.items.append(figure_item(plots.accuracy_vs_round(analysis.curves(group), group.label), out,
+                                         f"accuracy_vs_round{sfx}", "Mean test accuracy vs round", data))
+        diff, ours, base = analysis.client_difference(group)
+        if len(diff):
+            section.items.append(figure_item(plots.client_difference_bars(diff, ours, base, group.label), out,
+                                             f"client_difference{sfx}", "Per-client accuracy: pFedLoRA minus the "
+                                             "best baseline"))
+            section.items.append(table_item(tables.client_difference_table(diff, ours, base,
+                                                                           f"client_difference{sfx}"), out))
+        sections.append(section)
+    return sections
+
+
+def make_cost(runs, cells, out: Path) -> list[Section]:
+    groups = groups_of(runs)
+    head = analysis.headline(groups)
+    overview = Section("Cost: pFedLoRA vs the best baseline")
+    if len(head):
+        overview.items.append(table_item(tables.headline_table(head, "cost_headline"), out))
+    sections = [overview]
+    for group in groups:
+        sfx = suffix_of(group, len(groups) > 1)
+        section = Section(f"Cost to target: {group.label}")
+        cost = analysis.cost_to_target(group)
+        section.items.append(table_item(tables.cost_table(cost, f"cost_to_target{sfx}"), out))
+        section.items.append(figure_item(plots.cost_bars(cost, group.label), out, f"cost_to_target{sfx}",
+                                         "Rounds, computation and communication to reach the target"))
+        curves = analysis.curves(group)
+        data = out / f"accuracy_curves{sfx}.csv"
+        analysis.curves_long(group).to_csv(data, index=False)
+        section.items.append(figure_item(plots.accuracy_vs_cost(curves, group.label, "flops"), out,
+                                         f"accuracy_vs_flops{sfx}", "Accuracy vs cumulative client training FLOPs",
+                                         data))
+        section.items.append(figure_item(plots.accuracy_vs_cost(curves, group.label, "bytes"), out,
+                                         f"accuracy_vs_bytes{sfx}", "Accuracy vs cumulative bytes (up + down)", data))
+        sections.append(section)
+    return sections
+
+
+def sweep_frame(runs: list[Run], cells: dict[str, Cell]) -> pd.DataFrame:
+    """One row per (dataset, method, swept value): accuracies (mean, std over seeds) and costs per round."""
+    buckets: dict[tuple, list[Run]] = {}
+    for run in runs:
+        c = cells[run.source]
+        if run.finished:
+            buckets.setdefault((dataset_label(c.dataset), c.group, run.method, c.x), []).append(run)
+    rows = []
+    for (dataset, group, method, x), members in buckets.items():
+        accs = [analysis.run_accuracies(r) for r in members]
+        last = [analysis.cost_columns(r.metrics).iloc[-1] for r in members]
+        rounds = float(np.mean([r.metrics["step"].max() for r in members]))
+        row = {"dataset": dataset, "group": group, "method": method, "x": x, "seeds": len(members)}
+        for metric in ("final_acc", "best_acc", "val_selected_acc"):
+            row[f"{metric}_mean"], row[f"{metric}_std"] = analysis.mean_std([a[metric] for a in accs])
+        row["train_flops_per_round"] = float(np.mean([v["cum_train_flops"] for v in last])) / max(rounds, 1)
+        row["bytes_per_round"] = float(np.mean([v["cum_bytes"] for v in last])) / max(rounds, 1)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def make_sweep(heading: str, xlabel: str, short: str, stem: str, log2: bool = False, costs: bool = False):
+    def make(runs, cells, out: Path) -> list[Section]:
+        df = sweep_frame(runs, cells)
+        sections = []
+        for group in (dict.fromkeys(df["group"]) if len(df) else []):
+            sub = df[df["group"] == group]
+            sfx = "-" + slug(str(sub["dataset"].iloc[0])) if df["group"].nunique() > 1 else ""
+            section = Section(f"{heading}: {group}")
+            title = f"{heading}\n{group}"
+            section.items.append(figure_item(plots.sweep_lines(sub, "x", xlabel, title, log2=log2), out,
+                                             f"{stem}{sfx}", f"{heading}: final accuracy vs {xlabel}"))
+            if costs:
+                section.items.append(figure_item(plots.cost_per_round_lines(sub, "x", xlabel, title, log2=log2), out,
+                                                 f"{stem}_cost{sfx}", f"{heading}: cost per round vs {xlabel}"))
+            table = tables.sweep_table(sub, "x", short, f"{stem}{sfx}",
+                                       f"Final mean test accuracy (%) vs {xlabel}, mean ± std over seeds ({group})")
+            section.items.append(table_item(table, out))
+            sections.append(section)
+        return sections
+    return make
+
+
+def make_ablation(runs, cells, out: Path) -> list[Section]:
+    groups = groups_of(runs)
+    sections = []
+    for group in groups:
+        sfx = suffix_of(group, len(groups) > 1)
+        section = Section(f"Ablation, iterative vs joint training: {group.label}")
+        data = out / f"ablation_curves{sfx}.csv"
+        out.mkdir(parents=True, exist_ok=True)
+        analysis.curves_long(group).to_csv(data, index=False)
+        section.items.append(figure_item(plots.accuracy_vs_round(analysis.curves(group), group.label,
+                                                                 "Ablation: iterative vs joint training"), out,
+                                         f"ablation_accuracy_vs_round{sfx}",
+                                         "Iterative (alternating) vs joint training: accuracy vs round", data))
+        df = sweep_frame([r for rs in group.runs.values() for r in rs], cells)
+        df = df.assign(method="pfedlora")
+        display = pd.DataFrame({
+            "Training": df["x"], "Final acc. (%)": [tables.pct(a, b) for a, b in zip(df["final_acc_mean"],
+                                                                                    df["final_acc_std"])],
+            "Best acc. (%)": [tables.pct(a, b) for a, b in zip(df["best_acc_mean"], df["best_acc_std"])],
+            "Client FLOPs per round": [tables.eng(v, "FLOP") for v in df["train_flops_per_round"]],
+            "Bytes per round": [tables.eng(v, "B") for v in df["bytes_per_round"]],
+            "Seeds": df["seeds"]})
+        table = tables.Table(f"ablation{sfx}", f"pFedLoRA, iterative vs joint training of F_k and the adapter "
+                             f"({group.label})", display, df)
+        section.items.append(table_item(table, out))
+        sections.append(section)
+    return sections
+
+
+def grouped_accuracy_bars(acc: pd.DataFrame):
+    """T1 as a figure: settings on the x-axis, one bar per method (mean +- std over seeds)."""
+    import matplotlib.pyplot as plt
+
+    from reports.results import method_sort_key
+
+    groups = list(dict.fromkeys(acc["group"]))
+    methods = sorted(dict.fromkeys(acc["method"]), key=method_sort_key)
+    width = 0.8 / max(len(methods), 1)
+    fig, ax = plt.subplots(figsize=(max(7, 2.6 * len(groups) + 2), 4.8))
+    for i, m in enumerate(methods):
+        sub = acc[acc["method"] == m].set_index("group")
+        xs = [j + (i - (len(methods) - 1) / 2) * width for j, g in enumerate(groups) if g in sub.index]
+        ys = [100 * sub.loc[g, "final_acc_mean"] for g in groups if g in sub.index]
+        err = [100 * (0 if math.isnan(sub.loc[g, "final_acc_std"]) else sub.loc[g, "final_acc_std"])
+               for g in groups if g in sub.index]
+        bars = ax.bar(xs, ys, width=width * 0.95, yerr=err if any(err) else None, capsize=2,
+                      color=plots.method_color(m), label=display_name(m))
+        for patch, g in zip(bars.patches, [g for g in groups if g in sub.index]):
+            patch.set_gid(f"{m}|{g}")
+    ax.set_xticks(range(len(groups)), [g.replace(" · ", "\n") for g in groups], fontsize=8)
+    ax.set_ylabel("final mean test accuracy (%)")
+    seeds = int(acc["seeds"].max()) if len(acc) else 1
+    ax.set_title(f"T1: final accuracy per method and setting · {plots.seeds_note(seeds)}")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in [
+    Recipe("t1", "T1", "final accuracy, methods x datasets x settings (N, C), mean ± std over seeds",
+           t1_grid, make_t1),
+    Recipe("convergence", "Convergence", "accuracy vs round per method; per-client difference pFedLoRA minus "
+           "the best baseline (same runs as t1)", t1_grid, make_convergence),
+    Recipe("cost", "Cost", "rounds, computation and communication to the target accuracy, ratios pFedLoRA vs "
+           "each baseline; accuracy vs cumulative FLOPs and bytes (same runs as t1)", t1_grid, make_cost),
+    Recipe("noniid", "Non-IID degree", "final accuracy vs classes per client", noniid_grid,
+           make_sweep("Non-IID degree", "classes per client", "k", "noniid")),
+    Recipe("participation", "Participation", "final accuracy vs participation rate C at N = 100",
+           participation_grid, make_sweep("Participation", "participation rate C", "C", "participation")),
+    Recipe("rank", "Sensitivity (rank)", "pFedLoRA: final accuracy and cost per round vs adapter rank r",
+           rank_grid, make_sweep("Adapter rank", "adapter rank r", "r", "rank", log2=True, costs=True)),
+    Recipe("epochs", "Sensitivity (epochs)", "pFedLoRA: final accuracy vs E_adapter - E_local",
+           epochs_grid, make_sweep("Adapter epochs", "E_adapter − E_local", "ΔE", "epochs")),
+    Recipe("ablation", "Ablation", "pFedLoRA: iterative (alternating) vs joint training of F_k and the adapter",
+           ablation_grid, make_ablation),
+]}
+
+
+# ---- running a recipe -------------------------------------------------------------------------------------------
+@dataclass
+class Context:
+    out: Path
+    scale: Scale
+    seeds: tuple[int, ...] | None = None
+    algorithms: tuple[str, ...] | None = None
+    options: dict[str, Any] = field(default_factory=dict)   # RunConfig options for every cell (device, data_dir)
+    sets: tuple[str, ...] = ()                                # --set KEY=VALUE for every cell
+    progress: bool = True
+    echo: Callable[[str], None] = print
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.out / "runs"
+
+    @property
+    def tracking_uri(self) -> str:
+        return f"sqlite:///{(self.runs_dir / MLFLOW_DB).resolve()}"
+
+    @property
+    def experiment(self) -> str:
+        return f"mhpfl-paper-{self.scale.name}"
+
+    def effective_scale(self) -> Scale:
+        scale = self.scale
+        if self.seeds:
+            scale = replace(scale, seeds=tuple(self.seeds))
+        if self.algorithms:
+            scale = replace(scale, methods=tuple(self.algorithms))
+        return scale
+
+
+def registered_methods() -> list[str]:
+    from bench.registry import algorithms
+
+    return list(algorithms())
+
+
+def recipe_cells(recipe: Recipe, ctx: Context) -> list[Cell]:
+    scale = ctx.effective_scale()
+    methods = methods_of(scale, registered_methods()) if not ctx.algorithms else list(scale.methods)
+    return recipe.grid(scale, methods)
+
+
+def cell_status(root: Path, c: Cell) -> str:
+    """'done' (finished: reuse), 'partial' (folder without a finished run: delete and re-run) or 'missing'."""
+    if not root.exists():
+        return "missing"
+    summary = root / "summary.csv"
+    key = f"{c.algorithm}-seed{c.seed}"
+    if summary.exists() and (root / "runs" / key / "metrics.csv").exists():
+        rows = pd.read_csv(summary)
+        if ((rows["run"] == key) & (rows["status"] == "FINISHED")).any():
+            return "done"
+    return "partial"
+
+
+def subset_dataset(name: str, subset: tuple[int, int], data_dir: str | None, cache: Path) -> str:
+    """A stratified subset of a real dataset as an .npz (written once, then reused): the first
+    n/K images of each class after a fixed shuffle, for train and test."""
+    n_train, n_test = subset
+    path = cache / f"{Path(name).stem}-subset-{n_train}-{n_test}.npz"
+    if path.exists():
+        return str(path)
+    from data.sources import load_dataset
+
+    ds = load_dataset(name, Path(data_dir) if data_dir else None)
+    rng = np.random.default_rng(0)
+
+    def pick(y: np.ndarray, n: int) -> np.ndarray:
+        per = max(1, n // ds.num_classes)
+        idx = [rng.permutation(np.flatnonzero(y == k))[:per] for k in range(ds.num_classes)]
+        return np.sort(np.concatenate(idx))
+
+    tr, te = pick(ds.y_train, n_train), pick(ds.y_test, n_test)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, x_train=ds.x_train[tr], y_train=ds.y_train[tr], x_test=ds.x_test[te], y_test=ds.y_test[te],
+             classes=np.array(ds.classes))
+    tmp.replace(path)
+    return str(path)
+
+
+def drop_cell(root: Path, name: str, ctx: Context) -> None:
+    """Delete a cell that did not finish: its folder and its MLflow runs (parent and children)."""
+    shutil.rmtree(root, ignore_errors=True)
+    client, exp_id = mlflow_client(ctx)
+    if client is None:
+        return
+    for run in client.search_runs([exp_id], filter_string=f"attributes.run_name = '{name}'"):
+        for child in client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'"):
+            client.delete_run(child.info.run_id)
+        client.delete_run(run.info.run_id)
+
+
+def mlflow_client(ctx: Context):
+    if not (ctx.runs_dir / MLFLOW_DB).exists():
+        return None, None
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(ctx.tracking_uri)
+    exp = client.get_experiment_by_name(ctx.experiment)
+    return (client, exp.experiment_id) if exp is not None else (None, None)
+
+
+def tag_cell(name: str, c: Cell, recipe: str, ctx: Context) -> None:
+    """MLflow tags for the dashboards: recipe (every recipe that used the cell), scale, cell, the swept value;
+    child runs are renamed '<algo>-seed<k> · <setting>' so the compare view tells them apart."""
+    client, exp_id = mlflow_client(ctx)
+    if client is None:
+        return
+    for parent in client.search_runs([exp_id], filter_string=f"attributes.run_name = '{name}'"):
+        used = set(filter(None, parent.data.tags.get("recipe", "").split(",")))
+        tags = {"recipe": ",".join(sorted(used | {recipe})), "scale": ctx.scale.name, "cell": name,
+                "group": c.group, "method": c.method}
+        if c.x is not None:
+            tags["sweep_value"] = str(c.x)
+        children = client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        for run in [parent, *children]:
+            for k, v in tags.items():
+                client.set_tag(run.info.run_id, k, v)
+        for child in children:
+            label = f"{c.method}-seed{c.seed} · {c.group}"
+            if child.info.run_name != label:
+                client.update_run(child.info.run_id, name=label)
+
+
+def run_cell(c: Cell, ctx: Context, recipe: str, datasets: dict[str, str]) -> dict[str, Any]:
+    from bench.config import load_config
+    from bench.runner import run_invocation
+
+    name = c.name(ctx.sets)
+    root = ctx.runs_dir / name
+    status = cell_status(root, c)
+    record: dict[str, Any] = {"cell": name, "algorithm": c.algorithm, "method": c.method, "seed": c.seed,
+                              "group": c.group, "x": c.x}
+    if status == "done":
+        record["status"] = "reused"
+    else:
+        if status == "partial":
+            ctx.echo(f"{name}: unfinished results found, deleting and running again")
+            drop_cell(root, name, ctx)
+        options = {**c.config, **ctx.options, "dataset": datasets[c.dataset], "algorithms": [c.algorithm],
+                   "seeds": [c.seed], "output_dir": str(ctx.runs_dir), "run_name": name,
+                   "experiment": ctx.experiment}
+        if c.hparams:
+            options[c.algorithm] = dict(c.hparams)
+        cfg = load_config(None, "quick", list(ctx.sets), options)
+        start = time.perf_counter()
+        outcome = run_invocation(cfg, show_progress=ctx.progress)
+        record["wall_s"] = round(time.perf_counter() - start, 2)
+        record["status"] = "failed" if outcome.failed else "ran"
+        if outcome.failed:
+            record["error"] = "; ".join(outcome.failed.values())
+    tag_cell(name, c, recipe, ctx)
+    config_path = root / "config.json"
+    record["config"] = json.loads(config_path.read_text()) if config_path.exists() else None
+    return record
+
+
+def run_recipe(name: str, ctx: Context, dry_run: bool = False) -> dict[str, Any]:
+    """Run (or reuse) every cell of a recipe, then write its figures and tables, its manifest, and the
+    index of the whole reports folder. Returns the manifest."""
+    recipe = RECIPES[name]
+    cells = recipe_cells(recipe, ctx)
+    if not cells:
+        raise ValueError(f"recipe {name}: empty grid (no registered method among {', '.join(ctx.scale.methods)})")
+    if dry_run:
+        for c in cells:
+            ctx.echo(f"{cell_status(ctx.runs_dir / c.name(ctx.sets), c):8s} {c.name(ctx.sets)}")
+        return {}
+    start = time.perf_counter()
+    data_dir = ctx.options.get("data_dir")
+    datasets = {d: (subset_dataset(d, ctx.scale.subset, data_dir, ctx.out / "data") if ctx.scale.subset else d)
+                for d in dict.fromkeys(c.dataset for c in cells)}
+    records = []
+    for i, c in enumerate(cells, 1):
+        ctx.echo(f"[{name} {i}/{len(cells)}] {c.name(ctx.sets)}")
+        records.append(run_cell(c, ctx, name, datasets))
+    runs, by_source = collect(cells, ctx)
+    out = ctx.out / name
+    if out.exists():
+        shutil.rmtree(out)
+    sections = recipe.make(runs, by_source, out)
+    manifest = write_manifest(out, name, ctx, records, datasets, time.perf_counter() - start)
+    save_sections(out, sections)
+    write_paper_index(ctx.out)
+    return manifest
+
+
+def collect(cells: list[Cell], ctx: Context) -> tuple[list[Run], dict[str, Cell]]:
+    """The runs of the cells, labelled with the cells' groups and methods."""
+    runs, by_source = [], {}
+    for c in cells:
+        for run in load_folder(ctx.runs_dir / c.name(ctx.sets)):
+            if run.algorithm != c.algorithm or run.seed != c.seed:
+                continue
+            run.group, run.method = c.group, c.method
+            runs.append(run)
+            by_source[run.source] = c
+    return runs, by_source
+
+
+# ---- manifest and index -----------------------------------------------------------------------------------------
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("mhpfl-bench", "torch", "torchvision", "numpy", "pandas", "matplotlib", "mlflow", "click"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def git_state() -> dict[str, Any]:
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit or None, "dirty": bool(dirty)}
+
+
+def host() -> dict[str, Any]:
+    import os
+
+    import torch
+
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def write_manifest(out: Path, name: str, ctx: Context, records: list[dict], datasets: dict[str, str],
+                   wall: float) -> dict[str, Any]:
+    scale = ctx.effective_scale()
+    manifest = {
+        "recipe": name, "spec_item": RECIPES[name].spec, "description": RECIPES[name].description,
+        "scale": scale.name, "seeds": list(scale.seeds), "methods": sorted({r["algorithm"] for r in records}),
+        "scale_settings": {k: v for k, v in vars(scale).items() if k not in ("name",)},
+        "datasets": datasets, "sets": list(ctx.sets), "options": ctx.options,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "wall_s": round(wall, 1),
+        "command": " ".join(sys.argv), "git": git_state(), "versions": versions(), "host": host(),
+        "mlflow": {"tracking_uri": ctx.tracking_uri, "experiment": ctx.experiment,
+                   "ui": f"bench ui --output-dir {ctx.runs_dir}"},
+        "cells": records,
+        "counts": {s: sum(r["status"] == s for r in records) for s in ("ran", "reused", "failed")},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+    return manifest
+
+
+def save_sections(out: Path, sections: list[Section]) -> None:
+    data = [{"heading": s.heading, "notes": s.notes,
+             "items": [{"kind": i.kind, "title": i.title, "files": [p.name for p in i.files],
+                        "markdown": i.markdown} for i in s.items]} for s in sections]
+    (out / "outputs.json").write_text(json.dumps(data, indent=2))
+
+
+def write_paper_index(root: Path) -> Path:
+    """<out>/index.md: every recipe done so far, each with its figures (embedded) and tables (inline), and a
+    link to its manifest."""
+    sections: list[Section] = []
+    lines = []
+    for name, recipe in RECIPES.items():
+        outputs = root / name / "outputs.json"
+        if not outputs.exists():
+            continue
+        manifest = json.loads((root / name / "manifest.json").read_text())
+        counts = manifest["counts"]
+        lines.append(f"- [{name}](#{slug(recipe.spec)}): {recipe.description} — scale {manifest['scale']}, "
+                     f"seeds {manifest['seeds']}, {len(manifest['cells'])} runs ({counts['ran']} run, "
+                     f"{counts['reused']} reused, {counts['failed']} failed), commit "
+                     f"{(manifest['git']['commit'] or '?')[:10]}{' (dirty)' if manifest['git']['dirty'] else ''}; "
+                     f"[manifest]({name}/manifest.json)")
+        sections.append(Section(recipe.spec, notes=[f"Recipe `{name}`: {recipe.description}. "
+                                                    f"[manifest]({name}/manifest.json)"]))
+        for s in json.loads(outputs.read_text()):
+            sections.append(Section(s["heading"], [Item(i["kind"], i["title"], [root / name / f for f in i["files"]],
+                                                        i["markdown"]) for i in s["items"]], s["notes"], level=3))
+    preamble = "\n".join(["Outputs of `bench paper` (recipes in reports/paper.py). MLflow: "
+                          f"`bench ui --output-dir {root / 'runs'}`.", "", *lines])
+    return write_index(root / "index.md", "Paper figures and tables", sections, preamble)
