@@ -51,7 +51,7 @@ from bench.runner import client_splits  # noqa: E402
 from bench.simulator import Simulation  # noqa: E402
 from benchmarks import instrument  # noqa: E402
 from benchmarks.loops import FloorRun, ReferenceRun  # noqa: E402
-from benchmarks.proposed import AffineFlopAccountant  # noqa: E402
+from benchmarks.proposed import AffineFlopAccountant, use_gather_augmentation  # noqa: E402
 from data.device_data import DeviceData  # noqa: E402
 from data.sources import synthetic_dataset  # noqa: E402
 from models.adapters import LoRAAdapter  # noqa: E402
@@ -85,7 +85,8 @@ class Plan:
     seed: int = 0
     mlflow: bool = True
     model_group: str = "cnn-hetero"
-    accounting: str = "harness"    # "affine": the proposed FLOP cache (benchmarks/proposed.py) in the harness
+    proposed: bool = False         # the harness with the prototypes of benchmarks/proposed.py (FLOP cache,
+                                   # gather augmentation)
     harness_batched: bool = False  # run the harness with cfg.batched_training (once integrated)
     algorithms: list[str] = field(default_factory=list)
 
@@ -230,7 +231,7 @@ def measure_algorithm(name: str, algo_cls, setting: Setting, plan: Plan, dataset
     instrument.trim_heap()  # hand freed memory of earlier algorithms back, so RSS readings are this run's
     rss_start = instrument.rss_bytes()
     ours = Simulation(cfg, algo_cls, plan.seed, data, splits, device)
-    if plan.accounting == "affine":
+    if plan.proposed:
         ours.accountant = ours.ctx.accountant = AffineFlopAccountant(cache=cfg.flop_cache)
     rss_built = instrument.rss_bytes()
     state = [ours.store.state_bytes(c.id) for c in ours.clients]
@@ -272,6 +273,12 @@ def measure_algorithm(name: str, algo_cls, setting: Setting, plan: Plan, dataset
     hot_parts = instrument.categorise(hot["sections"], hot["accounting_calls"], cached, counter_overhead)
     cold_parts = instrument.categorise(cold["sections"], cold["accounting_calls"], cached, counter_overhead)
     hot_total = hot["sections"].total()
+    # The harness's own machinery in the instrumented round (what the floor does not do): batch building,
+    # FLOP accounting, payload copies, the loop code, evaluation batches.
+    ex = hot["sections"].exclusive
+    machinery = (hot_parts["data"] + hot_parts["flop_accounting"] + hot_parts["harness_loop"]
+                 + sum(v for p, v in ex.items() if p.endswith("/transmit"))
+                 + sum(v for p, v in ex.items() if p.endswith("/data") and "evaluate" in p.split("/")))
     cold_total = cold["sections"].total()
 
     # Evaluation of every client against one local epoch of every client's training.
@@ -302,6 +309,8 @@ def measure_algorithm(name: str, algo_cls, setting: Setting, plan: Plan, dataset
         "speedup_per_round": speedups,
         "floor_ratio": median(floor_ratios),
         "floor_ratio_per_round": floor_ratios,
+        "floor_ratio_breakdown": hot_total / max(hot_total - machinery, 1e-9),
+        "harness_machinery_share": machinery / hot_total,
         "reference_over_floor": median([r / f for r, f in zip(times["reference"], times["floor"])]),
         "train_samples_per_round": samples,
         "train_samples_per_second": median([s / t for s, t in zip(samples, times["ours"])]),
@@ -412,12 +421,21 @@ def evaluate_targets(results: dict[str, Any], batched: dict[str, Any] | None) ->
     return targets
 
 
-def explain(results: dict[str, Any], targets: list[dict[str, Any]], batched: dict[str, Any] | None) -> list[str]:
+def explain(results: dict[str, Any], targets: list[dict[str, Any]], batched: dict[str, Any] | None,
+            settings: list[dict[str, Any]] | None = None, proposed: dict[str, Any] | None = None) -> list[str]:
     """One note per unmet target or over-10% overhead part, saying why and what remains."""
+    participation = {x["name"]: x["participation"] for x in settings or []}
+    proposed_results = (proposed or {}).get("results", {})
     notes = []
+    seen: set[tuple] = set()
     for t in targets:
         if t["met"]:
             continue
+        topic = ("flop" if "FLOP" in t["target"] or "flop_accounting" in t["target"] else
+                 "mlflow" if "MLflow" in t["target"] or "tracking_mlflow" in t["target"] else t["target"])
+        if (t["setting"], t["algorithm"], topic) in seen:
+            continue
+        seen.add((t["setting"], t["algorithm"], topic))
         r = results[t["setting"]][t["algorithm"]]
         sec, sh = r["seconds_per_round"], r["breakdown_share"]
         head = f"{t['algorithm']} {t['setting']}:"
@@ -432,12 +450,25 @@ def explain(results: dict[str, Any], targets: list[dict[str, Any]], batched: dic
                 f"(floor_ratio {r['floor_ratio']:.2f}). On a GPU, where per-sample host work and syncs dominate, "
                 f"the ratio is expected to be far larger (not measured: no GPU here).")
         elif t["target"].startswith("floor_ratio"):
-            parts = {p: sh[p] for p in OVERHEAD_PARTS if sh.get(p) is not None and p != "evaluation"}
+            parts = {p: sh[p] for p in ("data", "flop_accounting", "harness_loop")}
             worst = max(parts, key=parts.get)
+            implied = r["floor_ratio_breakdown"]
+            ratios = r["floor_ratio_per_round"]
+            if participation.get(t["setting"], 1.0) < 1.0:
+                rest = ("The instrumented round is a later round than the timed ones, with fewer sampled clients "
+                        "new to the FLOP cache, so it understates the timed rounds' accounting; that and noise on "
+                        "the shared CPU are the rest of the gap.")
+            else:
+                rest = (f"The rest of the gap is round-to-round noise on the shared CPU (per-round ratios "
+                        f"{min(ratios):.2f}-{max(ratios):.2f}).")
+            tail = (f"Largest part: {worst}, {parts[worst]:.1%} (see its note). {rest}" if implied > 1.10 else
+                    f"Largest part: {worst}, {parts[worst]:.1%}. {rest}")
             notes.append(f"{head} floor_ratio {t['value']:.3f} > 1.10; per-round ratios "
                          f"{', '.join(f'{x:.2f}' for x in r['floor_ratio_per_round'])} (load average "
-                         f"{r['load_average_before'][0]:.1f} -> {r['load_average_after'][0]:.1f}); largest overhead "
-                         f"part {worst} = {parts[worst]:.1%} of the instrumented round.")
+                         f"{r['load_average_before'][0]:.1f} -> {r['load_average_after'][0]:.1f}). The instrumented "
+                         f"round puts the harness's own machinery (batch building, FLOP accounting, payload copies, "
+                         f"loop code) at {r['harness_machinery_share']:.1%} of the round, which implies a floor_ratio "
+                         f"of {implied:.3f}. {tail}")
         elif "FLOP accounting" in t["target"] or t["target"].startswith("overhead part flop_accounting"):
             notes.append(
                 f"{head} FLOP accounting is {r['flop_accounting_share']:.1%} of the measured round (first round "
@@ -447,7 +478,11 @@ def explain(results: dict[str, Any], targets: list[dict[str, Any]], batched: dic
                 f"test and validation sizes). Each key is counted once per run, so after every client has been "
                 f"sampled (about 50 rounds at N=100, C=0.1) the share is the N=10 one. The proposed affine cache "
                 f"(benchmarks/proposed.py, PATCHES.md section 2) counts two or three sizes per phase and "
-                f"architecture and fills the others exactly, removing this from the first round on.")
+                f"architecture and fills the others exactly"
+                + (lambda q: f": with it, FLOP accounting is {q['flop_accounting_share']:.1%} of the measured round "
+                             f"and floor_ratio {q['floor_ratio']:.2f} (breakdown {q['floor_ratio_breakdown']:.2f}); "
+                             f"what remains is the first sizes of each group and noise." if q else ".")(
+                    proposed_results.get(t["setting"], {}).get(t["algorithm"])))
         elif "MLflow" in t["target"] or t["target"].startswith("overhead part tracking_mlflow"):
             tr = r["tracking_seconds"]
             notes.append(
@@ -459,16 +494,18 @@ def explain(results: dict[str, Any], targets: list[dict[str, Any]], batched: dic
         elif t["target"].startswith("overhead part evaluation") or t["target"].startswith("evaluation"):
             notes.append(
                 f"{head} evaluation is {sh['evaluation']:.1%} of the round: the test and validation forwards of "
-                f"every evaluated client every round (the protocol's validation-selected accuracy needs both), "
-                f"plus pFedLoRA's phase-1 check. It is compute, not machinery: the floor runs the same forwards. "
+                f"every evaluated client every round (the protocol's validation-selected accuracy needs both)"
+                f"{', plus the phase-1 accuracy check' if t['algorithm'] == 'pfedlora' else ''}. It is compute, "
+                f"not machinery: the floor runs the same forwards. "
                 f"Evaluating all {t['setting'][2:]} clients costs {r['eval_over_epoch']:.2f} of one local epoch; "
                 f"`eval_every` > 1 trades it away.")
         elif t["target"].startswith("overhead part payload_aggregation"):
-            notes.append(f"{head} payload handling and aggregation is {sh['payload_aggregation']:.1%}: this is "
-                         f"the algorithm's own server work, not copying (payload copies are a few ms per round): "
-                         f"FedKD compresses the averaged update by SVD on the server (and decompresses every "
-                         f"upload), FedGH trains its header with one SGD step per uploaded (class, "
-                         f"representation) pair. The floor runs the same aggregate().")
+            what = {"fedkd": "FedKD decompresses every upload and compresses the averaged update by SVD",
+                    "fedgh": "FedGH trains its header with one SGD step per uploaded (class, representation) pair"
+                    }.get(t["algorithm"], "the algorithm's aggregate()")
+            notes.append(f"{head} payload handling and aggregation is {sh['payload_aggregation']:.1%}: the "
+                         f"algorithm's own server work, not copying (payload copies are a few ms per round): "
+                         f"{what}. The floor runs the same aggregate().")
         elif t["target"].startswith("overhead part data"):
             notes.append(f"{head} data preparation is {sh['data']:.1%}: augmentation (random crop + flip in one "
                          f"gather) and normalisation of every batch on the device; the floor reads pre-normalised "
@@ -500,13 +537,13 @@ PART_NOTES = {
 
 
 def summarise_companion(other: dict[str, Any]) -> dict[str, Any]:
-    """The headline figures of a `--accounting affine` run (speed-affine.json), for this report."""
+    """The headline figures of a `--proposed` run (speed-proposed.json), for this report."""
     out = {"stamp": {k: other["stamp"].get(k) for k in ("date_utc", "commit", "load_average_start")},
            "load_average_end": other.get("load_average_end"), "results": {}}
     for sname, per_algo in other["results"].items():
         out["results"][sname] = {
-            algo: {k: r[k] for k in ("floor_ratio", "speedup", "flop_accounting_share",
-                                     "flop_accounting_share_first_round", "seconds_per_round")}
+            algo: {k: r.get(k) for k in ("floor_ratio", "floor_ratio_breakdown", "speedup", "flop_accounting_share",
+                                         "flop_accounting_share_first_round", "seconds_per_round", "breakdown_share")}
             for algo, r in per_algo.items() if "error" not in r}
     return out
 
@@ -532,27 +569,47 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['plan']['eval_batch_size']}, label skew with 2 classes per client, SGD(0.01, 0.9, wd 1e-3), "
         f"clip 50, augmentation on; one warm-up round then "
         f"{', '.join(str(x['reps']) + ' (' + x['name'] + ')' for x in report['plan']['settings'])} timed rounds "
-        f"per loop. FLOP accounting in the harness: {report['plan']['accounting']}; harness batched training: "
+        f"per loop. Harness with the proposed prototypes (benchmarks/proposed.py): "
+        f"{'yes' if report['plan'].get('proposed') else 'no'}; harness batched training: "
         f"{'on' if report['plan'].get('harness_batched') else 'off'}.",
         "",
     ]
+    lines += ["## Summary", "",
+              "`speedup` = reference seconds / ours, `floor_ratio` = ours / floor (medians of per-round ratios, "
+              "the loops interleaved on the same rounds); `floor_ratio (breakdown)` = the instrumented harness "
+              "round / (that round minus the harness's own machinery: batch building, FLOP accounting, payload "
+              "copies, loop code), a noise-free estimate of the same ratio.", ""]
+    kinds: dict[str, list[dict[str, Any]]] = {}
+    for t in report["targets"]:
+        if not t["target"].startswith("overhead part"):
+            kinds.setdefault(t["target"], []).append(t)
+    for kind, ts in kinds.items():
+        per_setting = {}
+        for t in ts:
+            per_setting.setdefault(t["setting"], []).append(t)
+        parts = [f"{sname}: {sum(t['met'] for t in v)}/{len(v)} met ("
+                 + ", ".join(f"{t['algorithm']} {t['value']:.2f}" for t in v) + ")"
+                 for sname, v in per_setting.items()]
+        lines.append(f"- {kind}: " + "; ".join(parts))
+    lines.append("")
     for sname, per_algo in report["results"].items():
         st = next(x for x in report["plan"]["settings"] if x["name"] == sname)
         lines += [f"## {sname} (C={st['participation']}, ~{st['train_per_client']} training samples per client)", "",
-                  "| algorithm | s/round ours | reference | floor | **speedup** | **floor_ratio** | ref/floor | "
+                  "| algorithm | s/round ours | reference | floor | **speedup** | **floor_ratio** | floor_ratio (breakdown) | ref/floor | "
                   "samples/s | GFLOP/s | compute | data | payload+agg | eval | FLOP acct | MLflow | other | "
                   "eval all / epoch | state MB/client | state MB total | peak RSS MB |",
-                  "|---|" + "---|" * 19]
+                  "|---|" + "---|" * 20]
         for algo, r in per_algo.items():
             if "error" in r:
-                lines.append(f"| {algo} | failed: {r['error']} |" + " |" * 18)
+                lines.append(f"| {algo} | failed: {r['error']} |" + " |" * 19)
                 continue
             sec, sh, mem = r["seconds_per_round"], r["breakdown_share"], r["memory"]
             other = sh["algorithm_other"] + sh["harness_loop"]
             ml = sh.get("tracking_mlflow")
             lines.append(
                 f"| {algo} | {sec['ours']:.3f} | {sec['reference']:.3f} | {sec['floor']:.3f} | "
-                f"**{r['speedup']:.2f}** | **{r['floor_ratio']:.3f}** | {r['reference_over_floor']:.2f} | "
+                f"**{r['speedup']:.2f}** | **{r['floor_ratio']:.3f}** | {r['floor_ratio_breakdown']:.3f} | "
+                f"{r['reference_over_floor']:.2f} | "
                 f"{r['train_samples_per_second']:.0f} | {r['train_flop_per_second'] / 1e9:.2f} | "
                 f"{sh['compute']:.1%} | {sh['data']:.1%} | {sh['payload_aggregation']:.1%} | {sh['evaluation']:.1%} | "
                 f"{sh['flop_accounting']:.2%} | {'-' if ml is None else f'{ml:.2%}'} | {other:.1%} | "
@@ -578,16 +635,18 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {b['arch']} | {b['clients']} | {b['sequential_seconds']:.3f} | {b['batched_seconds']:.3f} | "
                          f"{b['speedup']:.2f} | {b['max_abs_param_diff']:.1e} |")
         lines.append("")
-    if report.get("affine_accounting"):
-        aff = report["affine_accounting"]
-        lines += ["## With the proposed FLOP cache (benchmarks/proposed.py; `--accounting affine --name speed-affine`)",
-                  "", f"Separate run ({aff['stamp']['date_utc']}, load {aff['stamp']['load_average_start']}); "
-                  "the harness with AffineFlopAccountant, everything else equal.", "",
-                  "| setting | algorithm | floor_ratio | speedup | FLOP acct share | FLOP acct share, first round |",
-                  "|---|---|---|---|---|---|"]
-        for sname, per_algo in aff["results"].items():
+    if report.get("proposed"):
+        pro = report["proposed"]
+        lines += ["## With the proposed fixes (benchmarks/proposed.py; `--proposed --name speed-proposed`)", "",
+                  f"Separate run ({pro['stamp']['date_utc']}, load average {pro['stamp']['load_average_start'][0]:.2f}): "
+                  "the harness with the affine FLOP cache and the gather augmentation, everything else equal.", "",
+                  "| setting | algorithm | floor_ratio | floor_ratio (breakdown) | speedup | data | FLOP acct | "
+                  "FLOP acct, first round |", "|---|---|---|---|---|---|---|---|"]
+        for sname, per_algo in pro["results"].items():
             for algo, r in per_algo.items():
-                lines.append(f"| {sname} | {algo} | {r['floor_ratio']:.3f} | {r['speedup']:.2f} | "
+                fb = r.get("floor_ratio_breakdown")
+                lines.append(f"| {sname} | {algo} | {r['floor_ratio']:.3f} | {'-' if fb is None else f'{fb:.3f}'} | "
+                             f"{r['speedup']:.2f} | {r['breakdown_share']['data']:.1%} | "
                              f"{r['flop_accounting_share']:.2%} | {r['flop_accounting_share_first_round']:.2%} |")
         lines.append("")
     lines += ["## Targets", "", "| target | setting | algorithm | value | met |", "|---|---|---|---|---|"]
@@ -609,19 +668,43 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "algorithm except the reference points standalone and fedavg")
     ap.add_argument("--setting", action="append", default=None, help="only these settings (e.g. N=10)")
     ap.add_argument("--reps", type=int, default=None, help="timed rounds per loop")
+    ap.add_argument("--render", type=Path, default=None, help="re-render NAME.md (and targets, notes) from an "
+                    "existing NAME.json without measuring")
     ap.add_argument("--name", default="speed", help="file stem of the reports (NAME.json, NAME.md)")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--no-mlflow", action="store_true", help="skip the MLflow logging measurement")
     ap.add_argument("--no-batched", action="store_true", help="skip the batched-training measurement")
     ap.add_argument("--harness-batched", action="store_true",
                     help="run the harness with cfg.batched_training=True (needs the integration patch)")
-    ap.add_argument("--accounting", choices=("harness", "affine"), default="harness",
-                    help="affine: run the harness with the proposed FLOP cache of benchmarks/proposed.py")
+    ap.add_argument("--proposed", action="store_true",
+                    help="run the harness with the prototypes of benchmarks/proposed.py (affine FLOP cache, "
+                         "gather augmentation): what the patches of benchmarks/PATCHES.md would give")
     return ap.parse_args(argv)
+
+
+def finish(report: dict[str, Any], out_dir: Path, name: str) -> None:
+    """Targets, notes and the companion summary from the measurements; write NAME.json and NAME.md."""
+    companion = out_dir / "speed-proposed.json"
+    if name != "speed-proposed" and companion.exists():
+        report["proposed"] = summarise_companion(json.loads(companion.read_text()))
+    report["targets"] = evaluate_targets(report["results"], report["batched"])
+    report["notes"] = explain(report["results"], report["targets"], report["batched"], report["plan"]["settings"],
+                              report.get("proposed"))
+    if not report["stamp"]["gpu_available"]:
+        report["notes"].append("No GPU was available in this session: peak device memory, GPU timings and the GPU "
+                               "speed-up of batched training are not measured (the benchmark measures them when "
+                               "run on a CUDA machine: it picks the GPU automatically).")
+    (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2, default=str))
+    (out_dir / f"{name}.md").write_text(markdown(report))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.render is not None:  # rebuild the reports of a finished run (e.g. after editing the notes)
+        report = json.loads(args.render.read_text())
+        finish(report, args.render.parent, args.render.stem)
+        log(f"re-rendered {args.render.with_suffix('.md')}")
+        return report
     started = time.perf_counter()
     plan = copy.deepcopy(TINY if args.tiny else FULL)
     if args.reps is not None:
@@ -630,7 +713,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.setting:
         plan.settings = [s for s in plan.settings if s.name in args.setting]
     plan.mlflow = not args.no_mlflow
-    plan.accounting = args.accounting
+    plan.proposed = args.proposed
     plan.harness_batched = args.harness_batched
     if plan.harness_batched and not hasattr(RunConfig(), "batched_training"):
         raise SystemExit("--harness-batched: this checkout's RunConfig has no batched_training field "
@@ -662,6 +745,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             dataset = synthetic_dataset(num_classes=10, train_size=train_size,
                                         test_size=setting.num_clients * setting.test_per_client, seed=plan.seed)
             data = DeviceData(dataset, device, augment=True)
+            if plan.proposed:
+                use_gather_augmentation(data)  # only the harness augments through DeviceData
             per_algo = report["results"].setdefault(setting.name, {})
             for name in names:
                 log(f"{setting.name} {name} ...")
@@ -682,19 +767,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     finally:
         probe.close()
         shutil.rmtree(workdir, ignore_errors=True)
-    report["targets"] = evaluate_targets(report["results"], report["batched"])
-    report["notes"] = explain(report["results"], report["targets"], report["batched"])
-    if not torch.cuda.is_available():
-        report["notes"].append("No GPU was available in this session: peak device memory, GPU timings and the GPU "
-                               "speed-up of batched training are not measured (the benchmark measures them when "
-                               "run on a CUDA machine: it picks the GPU automatically).")
     report["load_average_end"] = list(os.getloadavg())
     report["wall_seconds"] = time.perf_counter() - started
-    companion = out_dir / "speed-affine.json"
-    if args.name != "speed-affine" and companion.exists():
-        report["affine_accounting"] = summarise_companion(json.loads(companion.read_text()))
-    (out_dir / f"{args.name}.json").write_text(json.dumps(report, indent=2, default=str))
-    (out_dir / f"{args.name}.md").write_text(markdown(report))
+    finish(report, out_dir, args.name)
     log(f"wrote {out_dir / (args.name + '.json')} and {out_dir / (args.name + '.md')} in {report['wall_seconds']:.0f}s")
     return report
 

@@ -60,12 +60,30 @@ def test_proposed_affine_flop_cache_equals_counting_every_step(simulation):
 
     totals = {}
     for variant in ("every-step", "affine"):
-        sim = simulation("pfedlora", num_clients=10, rounds=2, batch_size=24, flop_cache=variant == "affine")
+        sim = simulation("pfedlora", num_clients=5, rounds=1, batch_size=64, model_group="cnn5-homo",
+                         flop_cache=variant == "affine")
         if variant == "affine":
             sim.accountant = sim.ctx.accountant = AffineFlopAccountant()
         sim.run_round(0)
-        sim.run_round(1)
         totals[variant] = (dict(sim.accountant.totals), dict(sim.accountant.by_client))
         if variant == "affine":
             assert sim.accountant.predicted > 0
     assert totals["affine"] == totals["every-step"]
+
+
+def test_gather_augmentation_is_bitwise_the_same():
+    """benchmarks/proposed.py's one-gather crop and flip (the data/ patch the benchmark proposes) draws the
+    same random numbers and returns exactly DeviceData.crop_and_flip's batch."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    import torch
+
+    from benchmarks.proposed import gather_crop_and_flip
+    from data.device_data import DeviceData
+    from data.sources import synthetic_dataset
+
+    data = DeviceData(synthetic_dataset(train_size=100, test_size=10), torch.device("cpu"))
+    x = data.x_train[:37]
+    a = data.crop_and_flip(x, torch.Generator().manual_seed(3))
+    b = gather_crop_and_flip(data, x, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
