@@ -37,3 +37,52 @@ def make_simulation(algorithm: str, /, *, num_classes: int = 10, augment: bool =
 @pytest.fixture
 def simulation():
     return make_simulation
+
+
+# ---- hand-made splits: exact, known client sizes (n_k differ), for the baselines' mechanism tests ----
+_HAND_DATA: dict[int, tuple] = {}
+
+
+def hand_dataset(num_classes: int):
+    if num_classes not in _HAND_DATA:
+        ds = synthetic_dataset(num_classes=num_classes, train_size=max(400, 10 * num_classes), test_size=200, seed=0)
+        _HAND_DATA[num_classes] = (ds, DeviceData(ds, torch.device("cpu"), augment=True))
+    return _HAND_DATA[num_classes]
+
+
+def hand_splits(ds, num_clients: int, classes_per_client: int, per_class: int = 3) -> list:
+    """Client i holds classes i*cpc .. i*cpc+cpc-1 (mod classes), per_class + i train samples of each
+    (so n_k differ), one validation and one test sample of each."""
+    import numpy as np
+
+    from data.partition import ClientSplit
+
+    k = ds.num_classes
+    by_class = [np.flatnonzero(ds.y_train == c) for c in range(k)]
+    test_by_class = [np.flatnonzero(ds.y_test == c) for c in range(k)]
+    used = [0] * k
+    splits = []
+    for i in range(num_clients):
+        train, val, test = [], [], []
+        for j in range(classes_per_client):
+            c = (i * classes_per_client + j) % k
+            take = per_class + i
+            train.extend(by_class[c][used[c]:used[c] + take])
+            val.append(by_class[c][used[c] + take])
+            used[c] += take + 1
+            test.append(test_by_class[c][i % len(test_by_class[c])])
+        splits.append(ClientSplit(*(torch.tensor(np.array(v), dtype=torch.int64) for v in (train, val, test))))
+    return splits
+
+
+def make_hand_simulation(algorithm: str, /, num_classes=10, num_clients=5, classes_per_client=2, per_class=3,
+                         splits=None, hp=None, **cfg_overrides) -> Simulation:
+    """A Simulation of `algorithm` on hand_splits (or the given splits) of a small synthetic set."""
+    settings = dict(dataset="synthetic", num_clients=num_clients, rounds=2, batch_size=32, local_epochs=1,
+                    classes_per_client=classes_per_client, eval_batch_size=256, device="cpu",
+                    algorithms=[algorithm], algo={algorithm: hp or {}})
+    settings.update(cfg_overrides)
+    ds, data = hand_dataset(num_classes)
+    if splits is None:
+        splits = hand_splits(ds, num_clients, classes_per_client, per_class)
+    return Simulation(RunConfig(**settings), resolve_algorithms([algorithm])[0], 0, data, splits, torch.device("cpu"))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,53 +14,13 @@ from bench.config import RunConfig
 from bench.errors import UserError
 from bench.runner import client_splits
 from bench.simulator import Simulation
-from data.device_data import DeviceData
-from data.partition import ClientSplit
-from data.sources import synthetic_dataset
+from tests.conftest import hand_dataset as dataset, hand_splits, make_hand_simulation
 
 CPU = torch.device("cpu")
-_DATA: dict[int, tuple] = {}
 
 
-def dataset(num_classes: int):
-    if num_classes not in _DATA:
-        ds = synthetic_dataset(num_classes=num_classes, train_size=max(400, 10 * num_classes), test_size=200, seed=0)
-        _DATA[num_classes] = (ds, DeviceData(ds, CPU, augment=True))
-    return _DATA[num_classes]
-
-
-def hand_splits(ds, num_clients: int, classes_per_client: int, per_class: int = 3) -> list[ClientSplit]:
-    """Client i holds classes i*cpc .. i*cpc+cpc-1 (mod classes), per_class + i train samples of each
-    (so n_k differ), one validation and one test sample of each."""
-    k = ds.num_classes
-    by_class = [np.flatnonzero(ds.y_train == c) for c in range(k)]
-    test_by_class = [np.flatnonzero(ds.y_test == c) for c in range(k)]
-    used = [0] * k
-    splits = []
-    for i in range(num_clients):
-        train, val, test = [], [], []
-        for j in range(classes_per_client):
-            c = (i * classes_per_client + j) % k
-            take = per_class + i
-            train.extend(by_class[c][used[c]:used[c] + take])
-            val.append(by_class[c][used[c] + take])
-            used[c] += take + 1
-            test.append(test_by_class[c][i % len(test_by_class[c])])
-        splits.append(ClientSplit(*(torch.tensor(np.array(v), dtype=torch.int64) for v in (train, val, test))))
-    return splits
-
-
-def make_sim(num_classes=10, num_clients=5, classes_per_client=2, per_class=3, splits=None, hp=None,
-             **cfg_overrides) -> Simulation:
-    settings = dict(dataset="synthetic", num_clients=num_clients, rounds=2, batch_size=32, local_epochs=1,
-                    classes_per_client=classes_per_client, eval_batch_size=256, device="cpu",
-                    algorithms=["feddistill"], algo={"feddistill": hp or {}})
-    settings.update(cfg_overrides)
-    cfg = RunConfig(**settings)
-    ds, data = dataset(num_classes)
-    if splits is None:
-        splits = hand_splits(ds, num_clients, classes_per_client, per_class)
-    return Simulation(cfg, FedDistill, 0, data, splits, CPU)
+def make_sim(**kwargs) -> Simulation:
+    return make_hand_simulation("feddistill", **kwargs)
 
 
 def capture_training(sim, client):
