@@ -174,8 +174,10 @@ class ResultsFolder(Tracker):
         return rows
 
     def log_round(self, key: str, step: int, metrics: dict[str, float]) -> None:
-        row = {"step": step, **metrics}
         rows = self.rounds[key]
+        if rows and step <= int(rows[-1]["step"]):
+            return  # a resumed run re-sends the rounds its checkpoint holds: each step is written once
+        row = {"step": step, **metrics}
         rows.append(row)
         path = self.run_dir(key) / "metrics.csv"
         # Columns can grow after step 0 (e.g. acc_phase1): rewrite then, else append one line.
