@@ -289,7 +289,7 @@ class Simulation:
                     "augment": packer.pack(self.ctx.generator, "rng/augment"), **rng_state(packer)},
             "accountant": packer.pack({"totals": dict(self.accountant.totals),
                                        "by_client": dict(self.accountant.by_client),
-                                       "cache": self.accountant._cache}, "accountant"),
+                                       "cache": self.accountant.cache_state()}, "accountant"),
             "evals": packer.pack(evals, "evals"),
             "bytes": packer.pack({"up": self.bytes_up, "down": self.bytes_down}, "bytes"),
             "cumulative": self.cumulative,
@@ -315,7 +315,7 @@ class Simulation:
         self.accountant.totals.update(acc["totals"])
         self.accountant.by_client.clear()
         self.accountant.by_client.update(acc["by_client"])
-        self.accountant._cache = dict(acc["cache"])
+        self.accountant.load_cache(acc["cache"])
         evals = unpack(meta["evals"], tensors)
         self.test_evals = {cid: ClientEval(*v) for cid, v in evals["test"].items()}
         self.val_evals = {cid: ClientEval(*v) for cid, v in evals["val"].items()}

@@ -51,7 +51,7 @@ from bench.runner import client_splits  # noqa: E402
 from bench.simulator import Simulation  # noqa: E402
 from benchmarks import instrument  # noqa: E402
 from benchmarks.loops import FloorRun, ReferenceRun  # noqa: E402
-from benchmarks.proposed import AffineFlopAccountant, use_gather_augmentation  # noqa: E402
+from benchmarks.proposed import use_gather_augmentation  # noqa: E402
 from data.device_data import DeviceData  # noqa: E402
 from data.sources import synthetic_dataset  # noqa: E402
 from models.adapters import LoRAAdapter  # noqa: E402
@@ -231,8 +231,6 @@ def measure_algorithm(name: str, algo_cls, setting: Setting, plan: Plan, dataset
     instrument.trim_heap()  # hand freed memory of earlier algorithms back, so RSS readings are this run's
     rss_start = instrument.rss_bytes()
     ours = Simulation(cfg, algo_cls, plan.seed, data, splits, device)
-    if plan.proposed:
-        ours.accountant = ours.ctx.accountant = AffineFlopAccountant(cache=cfg.flop_cache)
     rss_built = instrument.rss_bytes()
     state = [ours.store.state_bytes(c.id) for c in ours.clients]
 

@@ -61,6 +61,53 @@ def test_cache_key_reuses_the_first_count():
     assert acct.totals["train"] == 3 * mode.get_total_flops()
 
 
+def test_affine_batch_size_cache_equals_counting_every_step():
+    """Default accountant: new batch sizes are filled from each group's fitted line (exact integers), and the
+    totals equal counting every step."""
+    totals = {}
+    for cache in (True, False):
+        sim = make_simulation("pfedlora", num_clients=5, rounds=1, batch_size=64, model_group="cnn5-homo",
+                              flop_cache=cache)
+        sim.run_round(0)
+        totals[cache] = (dict(sim.accountant.totals), dict(sim.accountant.by_client))
+        if cache:
+            assert sim.accountant.predicted > 0  # some sizes were not counted
+    assert totals[True] == totals[False]
+
+
+def test_affine_cache_fits_after_three_sizes_and_rejects_non_affine_groups():
+    model = CNN("cnn5", 10)
+    acct = FlopAccountant(cache=True)
+
+    def step(size, group="g"):
+        before = acct.totals["eval"]
+        with acct.count("eval", (group, size)):
+            model(torch.randn(size, 3, 32, 32))
+        return acct.totals["eval"] - before
+
+    per_sample = step(1)
+    for size in (2, 5):  # the third size checks the line fitted from the first two
+        assert step(size) == size * per_sample
+    assert acct.predicted == 0
+    assert step(9) == 9 * per_sample and acct.predicted == 1  # filled from the line, not counted
+    assert acct.is_cached("eval", ("g", 17)) and not acct.is_cached("eval", ("other", 17))
+
+    # a group whose FLOPs are not affine in its last key element keeps counting every new size
+    odd = FlopAccountant(cache=True)
+    for size in (1, 2, 3, 4):
+        with odd.count("eval", ("sq", size)):
+            torch.randn(size, size) @ torch.randn(size, size)  # 2 * size^3
+    assert odd.predicted == 0 and odd.totals["eval"] == sum(2 * s ** 3 for s in (1, 2, 3, 4))
+
+    # a checkpointed cache restores the lines: no recount after a resume
+    restored = FlopAccountant(cache=True)
+    restored.load_cache(acct.cache_state())
+    assert restored.is_cached("eval", ("g", 33))
+    with restored.count("eval", ("g", 33)):
+        pass
+    assert restored.totals["eval"] == 33 * per_sample
+
+
 def test_pfedlora_upload_bytes_are_four_times_adapter_parameters():
     sim = make_simulation("pfedlora", num_clients=5, rounds=1)
     metrics = sim.run_round(0)

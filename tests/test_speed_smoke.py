@@ -51,26 +51,6 @@ def test_tiny_speed_benchmark(tmp_path):
     assert isinstance(report["targets"], list) and report["targets"]
 
 
-def test_proposed_affine_flop_cache_equals_counting_every_step(simulation):
-    """benchmarks/proposed.py (the FLOP-cache patch the benchmark proposes): same totals as counting every
-    step, while filling most new batch sizes from the fitted line."""
-    if str(REPO) not in sys.path:  # `pytest` (not `python -m pytest`) does not put the repo root on the path
-        sys.path.insert(0, str(REPO))
-    from benchmarks.proposed import AffineFlopAccountant
-
-    totals = {}
-    for variant in ("every-step", "affine"):
-        sim = simulation("pfedlora", num_clients=5, rounds=1, batch_size=64, model_group="cnn5-homo",
-                         flop_cache=variant == "affine")
-        if variant == "affine":
-            sim.accountant = sim.ctx.accountant = AffineFlopAccountant()
-        sim.run_round(0)
-        totals[variant] = (dict(sim.accountant.totals), dict(sim.accountant.by_client))
-        if variant == "affine":
-            assert sim.accountant.predicted > 0
-    assert totals["affine"] == totals["every-step"]
-
-
 def test_gather_augmentation_is_bitwise_the_same():
     """benchmarks/proposed.py's one-gather crop and flip (the data/ patch the benchmark proposes) draws the
     same random numbers and returns exactly DeviceData.crop_and_flip's batch."""
