@@ -273,6 +273,9 @@ class MlflowTracker(Tracker):
         self.run_ids: dict[str, str] = {}
         self.logged: dict[str, dict[str, int]] = {}  # run key -> metric -> last step MLflow holds (resumed runs)
         self.values_logged = 0
+        # run id -> [(future or None, batch)]: round metrics queued on MLflow's logging thread, not yet
+        # confirmed; a batch whose future failed is kept with None and re-sent synchronously by _flush
+        self.pending: dict[str, list[tuple[Any, list]]] = {}
         db = sqlite_path(tracking_uri)
         self._lock_path = db.with_name(db.name + ".lock") if db is not None and fcntl is not None else None
         if db is not None:
@@ -362,10 +365,39 @@ class MlflowTracker(Tracker):
         for i in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[i:i + 100], synchronous=True)
 
-    def _log_metrics(self, run_id: str, metrics: list) -> None:
+    def _log_metrics(self, run_id: str, metrics: list, wait: bool = True) -> None:
+        """Log metrics in batches. wait=False (each round's metrics): queue them on MLflow's logging thread
+        and return (a synchronous sqlite write is 15-40 ms, a few % of a short round); _flush waits for them,
+        so their errors surface inside _call's retry/disable logic at the end of the run."""
         for i in range(0, len(metrics), 1000):  # MLflow's limit per batch
-            self.client.log_batch(run_id, metrics=metrics[i:i + 1000], synchronous=True)
+            batch = metrics[i:i + 1000]
+            if wait:
+                self.client.log_batch(run_id, metrics=batch, synchronous=True)
+                continue
+            future = self.client.log_batch(run_id, metrics=batch, synchronous=False)
+            self.pending.setdefault(run_id, []).append((future, batch))
         self.values_logged += len(metrics)
+
+    def _flush(self, run_id: str) -> None:
+        """Wait for the run's queued batches. A failed one raises here (so _call retries or disables) and
+        stays queued without its future, so that a retry sends it again, synchronously."""
+        queue = self.pending.get(run_id, [])
+        while queue:
+            future, batch = queue[0]
+            if future is None:
+                self.client.log_batch(run_id, metrics=batch, synchronous=True)
+            else:
+                try:
+                    future.wait()
+                except Exception:
+                    queue[0] = (None, batch)
+                    raise
+            queue.pop(0)
+        self.pending.pop(run_id, None)
+
+    def _flush_all(self) -> None:
+        for run_id in list(self.pending):
+            self._flush(run_id)
 
     def _last_steps(self, run_id: str) -> dict[str, int]:
         """Metric -> the last step the run holds, for every metric it holds (also steps beyond the
@@ -440,7 +472,7 @@ class MlflowTracker(Tracker):
         now = int(time.time() * 1000)
         batch = [Metric(name, float(value), now, step) for name, value in metrics.items()
                  if step > last.get(name, -1)]
-        self._call(self._log_metrics, self.run_ids[key], batch)
+        self._call(self._log_metrics, self.run_ids[key], batch, wait=False)
 
     def end_run(self, key: str, summary: dict[str, Any], clients: list[dict[str, Any]], status: str) -> None:
         if key in self.run_ids:
@@ -450,6 +482,7 @@ class MlflowTracker(Tracker):
         from mlflow.entities import Metric
 
         run_id = self.run_ids[key]
+        self._flush(run_id)  # the queued rounds first: their errors surface here, retried or disabling
         held = self.client.get_run(run_id).data.metrics if key in self.logged else {}
         now = int(time.time() * 1000)
         finals = [Metric(f"summary.{k}", float(v), now, 0) for k, v in summary.items()
@@ -465,10 +498,13 @@ class MlflowTracker(Tracker):
         self.client.set_terminated(run_id, status=status)
 
     def end_invocation(self, artifacts: list[Path], status: str) -> None:
-        if self.parent_id is not None:
+        if self.parent_id is None:
+            self._call(self._flush_all)
+        else:
             self._call(self._end_invocation, artifacts, status)
 
     def _end_invocation(self, artifacts: list[Path], status: str) -> None:
+        self._flush_all()  # rounds of runs that never reached end_run
         for path in artifacts:
             if Path(path).exists():
                 self.client.log_artifact(self.parent_id, str(path))
@@ -476,6 +512,7 @@ class MlflowTracker(Tracker):
 
     def terminate(self, key: str, status: str) -> None:
         if key in self.run_ids:
+            self._call(self._flush, self.run_ids[key])
             self._call(self.client.set_terminated, self.run_ids[key], status=status)
 
     def sync_run(self, key: str) -> str:
