@@ -1,6 +1,10 @@
 """Shared test helpers: small synthetic runs built directly on the simulator (no CLI, no tracking)."""
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: no spin-waiting on shared CPUs
+
 import pytest
 import torch
 
