@@ -12,7 +12,7 @@ Design decisions (each a Hyperparams field where it is a choice):
   script, which keeps the client's own random header in its first round (nothing is downloaded then).
   A client sampled later always gets the current H.
 - Representations: eval mode, no augmentation, the client's whole train split in eval batches, right after
-  local training; exact per-class means (index_add_/bincount). This forward pass counts as the client's
+  local training; exact per-class means (index_add_). This forward pass counts as the client's
   training FLOPs. Upload: "reps" float32 (|classes_k| x rep_dim) and "classes" in the smallest unsigned
   integer type that holds the class ids (uint8 up to 256 classes: 1 byte each).
 - Server training: `server_epochs` passes per round over the pairs, in a seeded random order, in
@@ -114,7 +114,7 @@ class FedGH(Algorithm):
             with self.ctx.accountant.count("train", (self.name, "representations", client.arch, len(y)), client.id):
                 h = extractor(x)
             sums.index_add_(0, y, h.float())
-            counts += torch.bincount(y, minlength=self.ctx.num_classes)
+            counts.index_add_(0, y, torch.ones_like(y, dtype=counts.dtype))  # bincount syncs per batch on CUDA
         present = torch.nonzero(counts > 0).flatten()
         return present, sums[present] / counts[present].unsqueeze(1)
 
