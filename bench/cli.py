@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from bench.errors import UserError
+from bench.executors import executor_options, make_executor
 
 DEBUG = False
 
@@ -44,15 +45,18 @@ def cli(debug: bool) -> None:
 @click.option("--checkpoint-every", type=int, help="Checkpoint each run every k rounds (0: never) [default: 1].")
 @click.option("--resume", is_flag=True, help="Continue the results folder --run-name from its checkpoints.")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
-def run(algorithms, config_file, preset, sets, quiet, resume, **options) -> None:
+@executor_options
+def run(algorithms, config_file, preset, sets, quiet, resume, executor, cpus_per_run, gpus_per_run, ray_address,
+        max_retries, **options) -> None:
     """Run one or more algorithms (and seeds) on one setting; log to MLflow and a results folder."""
     from bench.config import load_config
     from bench.runner import run_invocation
 
+    runner = make_executor(executor, cpus_per_run, gpus_per_run, ray_address, max_retries)
     options["algorithms"] = list(algorithms) or None
     options["seeds"] = list(options["seeds"]) or None
     cfg = load_config(config_file, preset, list(sets), options)
-    finish(run_invocation(cfg, show_progress=not quiet, resume=resume))
+    finish(run_invocation(cfg, show_progress=not quiet, resume=resume, executor=runner))
 
 
 def finish(outcome) -> None:
@@ -67,10 +71,13 @@ def finish(outcome) -> None:
 @click.argument("results_dir", type=click.Path(file_okay=False))
 @click.option("--tracking-uri", help="MLflow tracking URI (default: the one the run used).")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
-def resume(results_dir: str, tracking_uri: str | None, quiet: bool) -> None:
+@executor_options
+def resume(results_dir: str, tracking_uri: str | None, quiet: bool, **executor) -> None:
     """Continue an interrupted run from its results folder (finished runs are kept)."""
     from bench.config import from_results
     from bench.runner import run_invocation
+
+    runner = make_executor(**executor)
     from bench.tracking import read_json
 
     root = Path(results_dir)
@@ -81,7 +88,7 @@ def resume(results_dir: str, tracking_uri: str | None, quiet: bool) -> None:
     cfg = from_results(stored)
     cfg.output_dir, cfg.run_name = str(root.parent), root.name
     cfg.tracking_uri = tracking_uri or read_json(root / "mlflow.json").get("tracking_uri") or cfg.tracking_uri
-    finish(run_invocation(cfg, show_progress=not quiet, resume=True))
+    finish(run_invocation(cfg, show_progress=not quiet, resume=True, executor=runner))
 
 
 @cli.command()

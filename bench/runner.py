@@ -148,102 +148,174 @@ def results_root(cfg: RunConfig, resume: bool) -> tuple[Path, bool]:
     return root, True
 
 
-def run_invocation(cfg: RunConfig, *, show_progress: bool = True, use_mlflow: bool = True,
-                   resume: bool = False) -> InvocationResult:
-    """Run every (seed, algorithm) of `cfg`. `resume=True` continues the results folder
-    <output_dir>/<run_name> if it holds this run (finished runs are kept, the others continue from their
-    last checkpoint), and starts it otherwise."""
+@dataclass
+class Invocation:
+    """One results folder being written: a setting's (algorithm, seed) runs, its trackers and its outcome.
+    An executor (`run_invocation` here, or bench/executors.py on Ray) runs `pending`; `close` draws the
+    plots and ends the trackers."""
+    cfg: RunConfig
+    algo_classes: list
+    dataset_name: str
+    device: torch.device
+    target: float
+    results: ResultsFolder
+    trackers: list[Tracker]
+    config: dict[str, Any]                 # the resolved config the trackers receive
+    resuming: bool
+    uses_mlflow: bool
+    pending: list[tuple[int, Any]]         # (seed, algorithm class) still to run
+    outcome: InvocationResult
+    inputs: tuple | None = None            # (dataset, DeviceData, splits by seed) when kept for running here
+
+    @property
+    def root(self) -> Path:
+        return self.results.root
+
+    def header(self) -> str:
+        cfg = self.cfg
+        return (f"bench: {', '.join(c.name for c in self.algo_classes)} on {self.dataset_name} "
+                f"({cfg.num_clients} clients, C={cfg.participation}, {cfg.rounds} rounds, E={cfg.local_epochs}, "
+                f"seeds {cfg.seeds}) on {self.device}; results in {self.root}" + ("  [resumed]" if self.resuming else ""))
+
+    def record(self, key: str, summary: dict[str, Any], status: str) -> None:
+        self.outcome.summaries[key] = summary
+        if status != "FINISHED":
+            self.outcome.failed[key] = summary.get("error", status)
+
+    def abort(self) -> None:
+        """A UserError raised inside a run: close the trackers (the caller reports the error)."""
+        for t in self.trackers:
+            t.end_invocation([self.root / "summary.csv"], "FAILED")
+
+    def close(self, progress: Progress) -> InvocationResult:
+        status = "FAILED" if self.outcome.failed else "FINISHED"
+        plots = []
+        try:
+            from reports.report import run_report
+
+            plots = run_report(self.root, title=f"{self.dataset_name}, N={self.cfg.num_clients}, "
+                                                f"C={self.cfg.participation}")
+        except Exception as err:  # figures are a convenience: never lose a run's results over them
+            warnings.warn(f"could not draw the plots of {self.root} ({type(err).__name__}: {err})", stacklevel=2)
+        for t in self.trackers:
+            t.end_invocation([self.root / "summary.csv", *plots], status)
+        self.outcome.mlflow_unsynced = bool(self.uses_mlflow and self.results.mlflow_info().get("unsynced"))
+        progress.echo(f"done: results in {self.root}")
+        if self.outcome.mlflow_unsynced:
+            progress.echo(f"note: MLflow misses part of this invocation; upload it with `bench sync {self.root}`")
+        return self.outcome
+
+
+def load_inputs(cfg: RunConfig, device: torch.device) -> tuple:
+    """(dataset, DeviceData, client splits by seed)."""
+    dataset = load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None, seed=cfg.seeds[0])
+    data = DeviceData(dataset, device, augment=cfg.augment)
+    return dataset, data, {seed: client_splits(cfg, dataset, seed, device) for seed in cfg.seeds}
+
+
+def open_invocation(cfg: RunConfig, *, use_mlflow: bool = True, resume: bool = False,
+                    keep_inputs: bool = True) -> Invocation:
+    """Check `cfg` (bad input is refused before anything is written), take its results folder, start the
+    trackers and keep the finished runs of a resumed folder. The caller must `results.release()`."""
     device = resolve_device(cfg.device)
     algo_classes = resolve_algorithms(cfg.algorithms)
     if resume and cfg.run_name is None:
         raise UserError(NEEDS_RUN_NAME)
-    dataset = load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None, seed=cfg.seeds[0])
-    data = DeviceData(dataset, device, augment=cfg.augment)
-    splits_by_seed = {seed: client_splits(cfg, dataset, seed, device) for seed in cfg.seeds}
+    inputs = load_inputs(cfg, device)
+    dataset, data, splits_by_seed = inputs
     check_algorithms(cfg, algo_classes, data, splits_by_seed[cfg.seeds[0]], device)
     target = cfg.target_accuracy or default_target(dataset.num_classes)
     root, resuming = results_root(cfg, resume)
-    name = root.name
-    output_dir = Path(cfg.output_dir)
-
     results = ResultsFolder(root)
     results.acquire()
     try:
-        return _run_invocation(cfg, algo_classes, dataset, data, splits_by_seed, device, target, results, name,
-                               output_dir, resuming, show_progress, use_mlflow)
-    finally:
+        trackers: list[Tracker] = [results]
+        if use_mlflow:
+            output_dir = Path(cfg.output_dir)
+            mlflow_tracker = make_mlflow_tracker(cfg.tracking_uri or default_tracking_uri(output_dir),
+                                                 cfg.experiment, output_dir, results)
+            if mlflow_tracker is not None:
+                trackers.append(mlflow_tracker)
+        config = {**cfg.to_dict(), "run_name": root.name, "device_resolved": str(device), "target_acc": target,
+                  "torch": torch.__version__}
+        for t in trackers:
+            resume_hook = getattr(t, "resume_invocation", None) if resuming else None
+            (resume_hook or t.start_invocation)(root.name, config)
+    except BaseException:
         results.release()
+        raise
+    inv = Invocation(cfg, algo_classes, dataset.name, device, target, results, trackers, config, resuming,
+                     use_mlflow, [], InvocationResult(root), inputs if keep_inputs else None)
+    for seed, cls in [(seed, cls) for seed in cfg.seeds for cls in algo_classes]:
+        key = run_key(cls.name, seed)
+        finished = results.finished_summary(key) if resuming else None
+        if finished is None:
+            inv.pending.append((seed, cls))
+            continue
+        summary = {k: v for k, v in finished.items() if k != "status"}
+        inv.outcome.summaries[key] = summary
+        inv.outcome.skipped.append(key)
+        results.record_summary(key, summary, "FINISHED")
+        for t in trackers:  # e.g. killed after the folder had its end but before MLflow did
+            if hasattr(t, "sync_run"):
+                t.sync_run(key)
+    return inv
 
 
-def _run_invocation(cfg, algo_classes, dataset, data, splits_by_seed, device, target, results: ResultsFolder,
-                    name: str, output_dir: Path, resuming: bool, show_progress: bool,
-                    use_mlflow: bool) -> InvocationResult:
-    root = results.root
-    trackers: list[Tracker] = [results]
-    if use_mlflow:
-        mlflow_tracker = make_mlflow_tracker(cfg.tracking_uri or default_tracking_uri(output_dir), cfg.experiment,
-                                             output_dir, results)
-        if mlflow_tracker is not None:
-            trackers.append(mlflow_tracker)
-    config = {**cfg.to_dict(), "run_name": name, "device_resolved": str(device), "target_acc": target,
-              "torch": torch.__version__}
-    for t in trackers:
-        resume_hook = getattr(t, "resume_invocation", None) if resuming else None
-        (resume_hook or t.start_invocation)(name, config)
+def run_invocation(cfg: RunConfig, *, show_progress: bool = True, use_mlflow: bool = True,
+                   resume: bool = False, executor=None) -> InvocationResult:
+    """Run every (seed, algorithm) of `cfg`. `resume=True` continues the results folder
+    <output_dir>/<run_name> if it holds this run (finished runs are kept, the others continue from their
+    last checkpoint), and starts it otherwise. `executor` (bench.executors.ExecutorOptions) picks where
+    the runs execute: here one after the other (default), or as parallel Ray tasks."""
+    return run_invocations([cfg], show_progress=show_progress, use_mlflow=use_mlflow, resume=resume,
+                           executor=executor)[0]
 
-    runs = [(seed, cls) for seed in cfg.seeds for cls in algo_classes]
-    finished = {run_key(cls.name, seed): results.finished_summary(run_key(cls.name, seed))
-                for seed, cls in runs} if resuming else {}
-    finished = {k: v for k, v in finished.items() if v is not None}
-    progress = Progress(cfg.rounds * (len(runs) - len(finished)), enabled=show_progress)
-    progress.echo(f"bench: {', '.join(c.name for c in algo_classes)} on {dataset.name} "
-                  f"({cfg.num_clients} clients, C={cfg.participation}, {cfg.rounds} rounds, E={cfg.local_epochs}, "
-                  f"seeds {cfg.seeds}) on {device}; results in {root}" + ("  [resumed]" if resuming else ""))
-    outcome = InvocationResult(root)
-    status = None
+
+def run_invocations(cfgs: list[RunConfig], *, show_progress: bool = True, use_mlflow: bool = True,
+                    resume: bool = False, executor=None) -> list[InvocationResult]:
+    """Several settings (e.g. a paper recipe's grid): on Ray every run of every setting is one task and they
+    all run in parallel; here the settings run one after the other."""
+    if executor is not None and executor.kind == "ray":
+        from bench.executors import run_on_ray
+
+        return run_on_ray(cfgs, executor, show_progress=show_progress, use_mlflow=use_mlflow, resume=resume)
+    outcomes = []
+    for cfg in cfgs:
+        inv = open_invocation(cfg, use_mlflow=use_mlflow, resume=resume)
+        try:
+            outcomes.append(run_here(inv, show_progress))
+        finally:
+            inv.results.release()
+    return outcomes
+
+
+def run_here(inv: Invocation, show_progress: bool) -> InvocationResult:
+    """The local executor: the pending runs one after the other in this process."""
+    cfg = inv.cfg
+    dataset, data, splits_by_seed = inv.inputs
+    progress = Progress(cfg.rounds * len(inv.pending), enabled=show_progress)
+    progress.echo(inv.header())
+    for key in inv.outcome.skipped:
+        progress.echo(f"{key}: already finished in {inv.root}; kept")
     try:
-        estimated = False
-        for seed, algo_cls in runs:
-            key = run_key(algo_cls.name, seed)
-            if key in finished:
-                summary = {k: v for k, v in finished[key].items() if k != "status"}
-                outcome.summaries[key] = summary
-                outcome.skipped.append(key)
-                results.record_summary(key, summary, "FINISHED")
-                for t in trackers:  # e.g. killed after the folder had its end but before MLflow did
-                    if hasattr(t, "sync_run"):
-                        t.sync_run(key)
-                progress.echo(f"{key}: already finished in {root}; kept")
-                continue
-            if not estimated:
-                estimated = True
-                estimate = estimate_seconds(cfg, data, splits_by_seed[seed], device)
-                progress.echo("estimated time: " + ", ".join(f"{k} ~{fmt_duration(v)}" for k, v in estimate.items())
-                              + f"; total ~{fmt_duration(sum(estimate.values()))}")
-            summary, run_status = execute_run(cfg, algo_cls, seed, data, splits_by_seed[seed], device, trackers,
-                                              progress, target, config, dataset.name, resume=resuming)
-            outcome.summaries[key] = summary
-            if run_status != "FINISHED":
-                outcome.failed[key] = summary["error"]
-        status = "FAILED" if outcome.failed else "FINISHED"
-    finally:
-        if status is None:  # a UserError raised inside a run: close the trackers, then report it
-            for t in trackers:
-                t.end_invocation([root / "summary.csv"], "FAILED")
-    plots = []
-    try:
-        from reports.report import run_report
+        if inv.pending:
+            estimate = estimate_seconds(cfg, data, splits_by_seed[inv.pending[0][0]], inv.device)
+            progress.echo("estimated time: " + ", ".join(f"{k} ~{fmt_duration(v)}" for k, v in estimate.items())
+                          + f"; total ~{fmt_duration(sum(estimate.values()))}")
+        for seed, algo_cls in inv.pending:
+            summary, status = execute_run(cfg, algo_cls, seed, data, splits_by_seed[seed], inv.device, inv.trackers,
+                                          progress, inv.target, inv.config, dataset.name, resume=inv.resuming,
+                                          checkpoint_dir=checkpoint_dir(inv, run_key(algo_cls.name, seed)))
+            inv.record(run_key(algo_cls.name, seed), summary, status)
+    except UserError:
+        inv.abort()
+        raise
+    return inv.close(progress)
 
-        plots = run_report(root, title=f"{dataset.name}, N={cfg.num_clients}, C={cfg.participation}")
-    except Exception as err:  # figures are a convenience: never lose a run's results over them
-        warnings.warn(f"could not draw the plots of {root} ({type(err).__name__}: {err})", stacklevel=2)
-    for t in trackers:
-        t.end_invocation([root / "summary.csv", *plots], status)
-    outcome.mlflow_unsynced = bool(use_mlflow and results.mlflow_info().get("unsynced"))
-    progress.echo(f"done: results in {root}")
-    if outcome.mlflow_unsynced:
-        progress.echo(f"note: MLflow misses part of this invocation; upload it with `bench sync {root}`")
-    return outcome
+
+def checkpoint_dir(inv: Invocation, key: str) -> Path | None:
+    return inv.results.run_dir(key) / "checkpoint" if inv.cfg.checkpoint_every > 0 else None
 
 
 def publish(trackers: list[Tracker], key: str, step: int, metrics: dict[str, float], between=None) -> None:
@@ -261,18 +333,18 @@ def publish(trackers: list[Tracker], key: str, step: int, metrics: dict[str, flo
 
 def execute_run(cfg: RunConfig, algo_cls, seed: int, data: DeviceData, splits: list[ClientSplit],
                 device: torch.device, trackers: list[Tracker], progress: Progress, target: float,
-                config: dict[str, Any], dataset_name: str, *, resume: bool = False) -> tuple[dict[str, Any], str]:
+                config: dict[str, Any], dataset_name: str, *, resume: bool = False,
+                checkpoint_dir: Path | None = None) -> tuple[dict[str, Any], str]:
     """One (algorithm, seed) run through the round loop, every round sent to the trackers.
     Returns (summary, status); an exception inside the run (or a non-finite training loss, detected in the
-    round it appears) marks it FAILED instead of propagating. With a ResultsFolder among the trackers the
-    run checkpoints every cfg.checkpoint_every rounds; `resume=True` continues from that checkpoint."""
+    round it appears) marks it FAILED instead of propagating. With a `checkpoint_dir` the run checkpoints
+    every cfg.checkpoint_every rounds; `resume=True` continues from that checkpoint."""
     key = run_key(algo_cls.name, seed)
     hparams = algo_cls.make_hparams(cfg.algo.get(algo_cls.name))
     params = {**config, "algorithm": algo_cls.name, "seed": seed, "hparams": vars(hparams)}
     tags = {"algorithm": algo_cls.name, "dataset": dataset_name, "seed": str(seed),
             "setting": f"N={cfg.num_clients},C={cfg.participation}", "model_group": cfg.model_group}
-    folder = next((t for t in trackers if isinstance(t, ResultsFolder)), None)
-    checkpoint = RunCheckpoint(folder.run_dir(key) / "checkpoint") if folder and cfg.checkpoint_every > 0 else None
+    checkpoint = RunCheckpoint(checkpoint_dir) if checkpoint_dir is not None else None
     saved = None
     if resume and checkpoint is not None and checkpoint.exists():
         try:
@@ -314,6 +386,8 @@ def execute_run(cfg: RunConfig, algo_cls, seed: int, data: DeviceData, splits: l
                 raise CheckpointError(f"cannot restore {checkpoint.file} ({type(err).__name__}: {err}); "
                                       "delete it to start this run over") from err
             progress.echo(f"{key}: resuming after round {meta['step']} from {checkpoint.file}")
+            for row in history:  # trackers that missed rounds the checkpoint holds get them (others skip them)
+                publish(trackers, key, row["step"], {k: v for k, v in row.items() if k != "step"})
         else:
             history.append({"step": 0, **sim.initial_metrics()})
             publish(trackers, key, 0, history[-1])

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from bench.errors import UserError
+from bench.executors import executor_options, make_executor
 
 
 @click.command()
@@ -69,7 +70,9 @@ def report(results_dirs, out, tracking_uri, experiment, parents, title) -> None:
 @click.option("--threads", type=int, help="CPU threads for torch (1 is much faster on a busy machine).")
 @click.option("--dry-run", is_flag=True, help="List the grid's runs and whether each is done, then stop.")
 @click.option("--quiet", is_flag=True, help="No per-round progress lines.")
-def paper(recipe, scale, seeds, algorithms, out, data_dir, device, sets, threads, dry_run, quiet) -> None:
+@executor_options
+def paper(recipe, scale, seeds, algorithms, out, data_dir, device, sets, threads, dry_run, quiet,
+          **executor) -> None:
     """Regenerate the paper's tables and figures (SPEC section 4) from declarative recipes.
 
     `bench paper list` shows the recipes; `bench paper t1` runs the T1 grid (reusing finished runs) and
@@ -94,7 +97,7 @@ def paper(recipe, scale, seeds, algorithms, out, data_dir, device, sets, threads
     ctx = recipes.Context(out=out or Path("results") / f"paper-{scale}", scale=recipes.SCALES[scale],
                           seeds=tuple(seed_list) if seed_list else None,
                           algorithms=tuple(algorithms) if algorithms else None, options=options, sets=tuple(sets),
-                          progress=not quiet, echo=click.echo)
+                          progress=not quiet, echo=click.echo, executor=make_executor(**executor))
     failed = 0
     for name in names:
         manifest = recipes.run_recipe(name, ctx, dry_run=dry_run)

@@ -430,6 +430,7 @@ class Context:
     sets: tuple[str, ...] = ()                                # --set KEY=VALUE for every cell
     progress: bool = True
     echo: Callable[[str], None] = print
+    executor: Any = None                                      # bench.executors.ExecutorOptions; None: local
 
     @property
     def runs_dir(self) -> Path:
@@ -547,9 +548,10 @@ def tag_cell(name: str, c: Cell, recipe: str, ctx: Context) -> None:
                 client.update_run(child.info.run_id, name=label)
 
 
-def run_cell(c: Cell, ctx: Context, recipe: str, datasets: dict[str, str]) -> dict[str, Any]:
+def plan_cell(c: Cell, ctx: Context, datasets: dict[str, str]) -> tuple[dict[str, Any], Any]:
+    """The cell's manifest record and the config to run (None: a finished cell, reused). A cell that did
+    not finish is deleted first, with its MLflow runs."""
     from bench.config import load_config
-    from bench.runner import run_invocation
 
     name = c.name(ctx.sets)
     root = ctx.runs_dir / name
@@ -558,26 +560,46 @@ def run_cell(c: Cell, ctx: Context, recipe: str, datasets: dict[str, str]) -> di
                               "group": c.group, "x": c.x}
     if status == "done":
         record["status"] = "reused"
-    else:
-        if status == "partial":
-            ctx.echo(f"{name}: unfinished results found, deleting and running again")
-            drop_cell(root, name, ctx)
-        options = {**c.config, **ctx.options, "dataset": datasets[c.dataset], "algorithms": [c.algorithm],
-                   "seeds": [c.seed], "output_dir": str(ctx.runs_dir), "run_name": name,
-                   "experiment": ctx.experiment}
-        if c.hparams:
-            options[c.algorithm] = dict(c.hparams)
-        cfg = load_config(None, "quick", list(ctx.sets), options)
+        return record, None
+    if status == "partial":
+        ctx.echo(f"{name}: unfinished results found, deleting and running again")
+        drop_cell(root, name, ctx)
+    options = {**c.config, **ctx.options, "dataset": datasets[c.dataset], "algorithms": [c.algorithm],
+               "seeds": [c.seed], "output_dir": str(ctx.runs_dir), "run_name": name, "experiment": ctx.experiment}
+    if c.hparams:
+        options[c.algorithm] = dict(c.hparams)
+    return record, load_config(None, "quick", list(ctx.sets), options)
+
+
+def run_cells(name: str, cells: list[Cell], ctx: Context, datasets: dict[str, str]) -> list[dict[str, Any]]:
+    """Run the cells that are not finished: one after the other, or all at once as Ray tasks
+    (ctx.executor); then tag every cell's MLflow runs and record its config."""
+    from bench import runner
+
+    plans = [plan_cell(c, ctx, datasets) for c in cells]
+    todo = [(record, cfg) for record, cfg in plans if cfg is not None]
+    if ctx.executor is not None and ctx.executor.kind == "ray":
         start = time.perf_counter()
-        outcome = run_invocation(cfg, show_progress=ctx.progress)
-        record["wall_s"] = round(time.perf_counter() - start, 2)
+        outcomes = runner.run_invocations([cfg for _, cfg in todo], show_progress=ctx.progress,
+                                          executor=ctx.executor)
+        seconds = [round(time.perf_counter() - start, 2)] * len(todo)  # the grid's wall time: the runs overlap
+    else:
+        outcomes, seconds = [], []
+        for i, (record, cfg) in enumerate(todo, 1):
+            ctx.echo(f"[{name} {i}/{len(todo)}] {record['cell']}")
+            start = time.perf_counter()
+            outcomes.append(runner.run_invocation(cfg, show_progress=ctx.progress))
+            seconds.append(round(time.perf_counter() - start, 2))
+    for (record, _), outcome, wall in zip(todo, outcomes, seconds):
+        record["wall_s"] = wall
         record["status"] = "failed" if outcome.failed else "ran"
         if outcome.failed:
             record["error"] = "; ".join(outcome.failed.values())
-    tag_cell(name, c, recipe, ctx)
-    config_path = root / "config.json"
-    record["config"] = json.loads(config_path.read_text()) if config_path.exists() else None
-    return record
+    for c, (record, _) in zip(cells, plans):
+        tag_cell(record["cell"], c, name, ctx)
+        config_path = ctx.runs_dir / record["cell"] / "config.json"
+        record["config"] = json.loads(config_path.read_text()) if config_path.exists() else None
+    return [record for record, _ in plans]
 
 
 def run_recipe(name: str, ctx: Context, dry_run: bool = False) -> dict[str, Any]:
@@ -595,10 +617,7 @@ def run_recipe(name: str, ctx: Context, dry_run: bool = False) -> dict[str, Any]
     data_dir = ctx.options.get("data_dir")
     datasets = {d: (subset_dataset(d, ctx.scale.subset, data_dir, ctx.out / "data") if ctx.scale.subset else d)
                 for d in dict.fromkeys(c.dataset for c in cells)}
-    records = []
-    for i, c in enumerate(cells, 1):
-        ctx.echo(f"[{name} {i}/{len(cells)}] {c.name(ctx.sets)}")
-        records.append(run_cell(c, ctx, name, datasets))
+    records = run_cells(name, cells, ctx, datasets)
     runs, by_source = collect(cells, ctx)
     out = ctx.out / name
     if out.exists():

@@ -1,0 +1,199 @@
+"""The Ray executor on a local Ray instance (2 CPUs): a grid run as Ray tasks gives the same per-round
+metrics as the local executor, the same MLflow structure (one parent per setting, one child per run, every
+step exactly once) and complete results folders; a killed worker's run is retried from its checkpoint, or
+fails clearly while the rest of the grid completes."""
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from bench.config import RunConfig  # noqa: E402
+from bench.executors import ExecutorOptions, run_on_ray  # noqa: E402
+from bench.runner import run_invocations  # noqa: E402
+from bench.tracking import read_csv, read_json  # noqa: E402
+from data.sources import synthetic_dataset  # noqa: E402
+from test_resume import TIME_KEYS, bench_main  # noqa: E402
+
+ALGOS = ["standalone", "pfedlora"]
+RAY = ExecutorOptions(kind="ray", cpus_per_run=1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    """One local Ray instance for the module (starting one takes seconds)."""
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def npz(tmp_path_factory) -> Path:
+    ds = synthetic_dataset(num_classes=10, train_size=300, test_size=100, seed=0)
+    path = tmp_path_factory.mktemp("data") / "small.npz"
+    np.savez(path, x_train=ds.x_train, y_train=ds.y_train, x_test=ds.x_test, y_test=ds.y_test)
+    return path
+
+
+def grid(npz: Path, out: Path, rounds: int = 2) -> list[RunConfig]:
+    """Two settings (participation 1.0 and 0.6) x two algorithms x two seeds: eight runs."""
+    return [RunConfig(algorithms=ALGOS, dataset=str(npz), num_clients=5, participation=c, rounds=rounds,
+                      batch_size=64, seeds=[0, 1], device="cpu", model_group="cnn5-homo", eval_batch_size=256,
+                      output_dir=str(out), run_name=f"C{c}", algo={"pfedlora": {"rank": 4}})
+            for c in (1.0, 0.6)]
+
+
+def rows(root: Path, key: str) -> list[dict[str, str]]:
+    return [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in read_csv(root / "runs" / key / "metrics.csv")]
+
+
+def mlflow_runs(out: Path) -> dict[str, dict]:
+    """{parent name: {"id", "status", "children": {child name: {metric: [(step, value), ...]}}}}."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("mhpfl-bench")
+    runs = client.search_runs([exp.experiment_id])
+    parents = {r.info.run_name: r for r in runs if r.data.tags.get("bench.kind") == "invocation"}
+    tree = {}
+    for name, parent in parents.items():
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        tree[name] = {"status": parent.info.status, "children": {
+            c.info.run_name: {"status": c.info.status, **{
+                m: [(h.step, h.value) for h in client.get_metric_history(c.info.run_id, m)]
+                for m in c.data.metrics if m not in TIME_KEYS and not m.startswith("summary.")}}
+            for c in children}}
+    assert len(runs) == len(parents) + sum(len(t["children"]) for t in tree.values()), "orphan runs"
+    return tree
+
+
+@pytest.fixture(scope="module")
+def local_and_ray(npz, tmp_path_factory):
+    local, on_ray = tmp_path_factory.mktemp("local"), tmp_path_factory.mktemp("ray")
+    run_invocations(grid(npz, local), show_progress=False)
+    outcomes = run_invocations(grid(npz, on_ray), show_progress=False, executor=RAY)
+    return local, on_ray, outcomes
+
+
+def test_ray_grid_equals_local_per_round(local_and_ray):
+    local, on_ray, outcomes = local_and_ray
+    assert all(not o.failed for o in outcomes) and sum(len(o.summaries) for o in outcomes) == 8
+    for setting in ("C1.0", "C0.6"):
+        for algo in ALGOS:
+            for seed in (0, 1):
+                key = f"{algo}-seed{seed}"
+                expected = rows(local / setting, key)
+                assert len(expected) == 3 and rows(on_ray / setting, key) == expected, (setting, key)
+    # The two settings really differ (the comparison is not vacuous).
+    assert rows(local / "C1.0", "pfedlora-seed0") != rows(local / "C0.6", "pfedlora-seed0")
+
+
+def test_ray_results_folders_are_complete(local_and_ray):
+    _, on_ray, _ = local_and_ray
+    for setting in ("C1.0", "C0.6"):
+        root = on_ray / setting
+        summary = read_csv(root / "summary.csv")
+        assert sorted(r["run"] for r in summary) == sorted(f"{a}-seed{s}" for a in ALGOS for s in (0, 1))
+        assert {r["status"] for r in summary} == {"FINISHED"}
+        for r in summary:
+            run_dir = root / "runs" / r["run"]
+            for name in ("config.json", "metrics.csv", "clients.csv", "summary.json", "mlflow.json"):
+                assert (run_dir / name).exists(), run_dir / name
+            assert not (run_dir / "checkpoint").exists()  # removed when the run finished
+        assert read_json(root / "config.json")["run_name"] == setting
+        assert list((root / "plots").glob("*.png"))
+
+
+def test_ray_mlflow_structure_equals_local(local_and_ray):
+    local, on_ray, _ = local_and_ray
+    expected, got = mlflow_runs(local), mlflow_runs(on_ray)
+    assert set(got) == {"C1.0", "C0.6"} and all(p["status"] == "FINISHED" for p in got.values())
+    for setting, parent in got.items():
+        assert set(parent["children"]) == {f"{a}-seed{s}" for a in ALGOS for s in (0, 1)}
+        for name, child in parent["children"].items():
+            assert child["status"] == "FINISHED"
+            for metric, history in child.items():
+                if metric == "status":
+                    continue
+                steps = [s for s, _ in history]
+                assert len(steps) == len(set(steps)), f"duplicated steps in {setting}/{name}/{metric}"
+            assert child == expected[setting]["children"][name], (setting, name)
+
+
+def kill_once(key: str, step: int):
+    """An on_event hook that SIGKILLs the worker process running `key` when round `step` arrives."""
+    killed: list[int] = []
+
+    def hook(run, event) -> None:
+        if not killed and run.key == key and event == "log_round" and run.last_step == step:
+            killed.append(run.pid)
+            os.kill(run.pid, signal.SIGKILL)
+    return hook, killed
+
+
+def test_killed_worker_is_retried_from_its_checkpoint_with_identical_results(npz, tmp_path, local_and_ray):
+    local, _, _ = local_and_ray
+    cfg = grid(npz, tmp_path, rounds=2)[0]
+    hook, killed = kill_once("pfedlora-seed0", 1)
+    [outcome] = run_on_ray([cfg], ExecutorOptions(kind="ray", max_retries=1), show_progress=False, on_event=hook)
+    assert killed and not outcome.failed and len(outcome.summaries) == 4
+    for algo in ALGOS:
+        for seed in (0, 1):
+            key = f"{algo}-seed{seed}"
+            assert rows(tmp_path / "C1.0", key) == rows(local / "C1.0", key), key
+    children = mlflow_runs(tmp_path)["C1.0"]["children"]
+    assert children["pfedlora-seed0"] == mlflow_runs(local)["C1.0"]["children"]["pfedlora-seed0"]
+
+
+def test_killed_worker_without_retries_fails_clearly_and_the_grid_completes(npz, tmp_path, capsys):
+    cfg = grid(npz, tmp_path, rounds=2)[0]
+    hook, killed = kill_once("standalone-seed1", 1)
+    [outcome] = run_on_ray([cfg], ExecutorOptions(kind="ray", max_retries=0), show_progress=True, on_event=hook)
+    assert killed and set(outcome.failed) == {"standalone-seed1"}
+    assert "worker died" in outcome.failed["standalone-seed1"]
+    assert len(outcome.summaries) == 4
+    summary = {r["run"]: r["status"] for r in read_csv(tmp_path / "C1.0" / "summary.csv")}
+    assert summary == {"standalone-seed0": "FINISHED", "pfedlora-seed0": "FINISHED", "pfedlora-seed1": "FINISHED",
+                       "standalone-seed1": "FAILED"}
+    tree = mlflow_runs(tmp_path)["C1.0"]
+    assert tree["status"] == "FAILED" and tree["children"]["standalone-seed1"]["status"] == "FAILED"
+    assert "standalone-seed1: FAILED (Ray worker died" in capsys.readouterr().err
+
+
+def test_resume_on_ray_keeps_finished_runs(npz, tmp_path, monkeypatch, capsys):
+    """`bench run --executor ray --resume` after a failed run: only that run executes again."""
+    args = ["run", "--algo", "standalone", "--algo", "pfedlora", "--dataset", str(npz), "--clients", "5",
+            "--model-group", "cnn5-homo", "--rounds", "1", "--output-dir", str(tmp_path), "--run-name", "g",
+            "--set", "pfedlora.rank=4", "--device", "cpu", "--executor", "ray"]
+    code, err = bench_main(monkeypatch, capsys, *args)
+    assert code == 0, err
+    assert "grid: 2/2 done, 0 running, 0 pending" in err
+    (tmp_path / "g" / "runs" / "pfedlora-seed0" / "summary.json").unlink()  # as if it had been killed
+    code, err = bench_main(monkeypatch, capsys, *args, "--resume")
+    assert code == 0, err
+    assert "standalone-seed0: already finished" in err and "grid: 1/1 done" in err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--executor", "ray", "--gpus-per-run", "1"], "--gpus-per-run 1 but the Ray cluster has 0 GPU(s)"),
+    (["--executor", "ray", "--gpus-per-run", "-1"], "--gpus-per-run must be >= 0"),
+    (["--executor", "ray", "--cpus-per-run", "8"], "--cpus-per-run 8 exceeds the Ray cluster's 2 CPUs"),
+    (["--gpus-per-run", "0.5"], "--ray-address and --gpus-per-run need --executor ray"),
+    (["--executor", "dask"], "Invalid value for '--executor'"),
+])
+def test_bad_executor_options_are_one_line_errors(npz, tmp_path, monkeypatch, capsys, extra, message):
+    code, err = bench_main(monkeypatch, capsys, "run", "--algo", "standalone", "--dataset", str(npz),
+                           "--clients", "5", "--rounds", "1", "--output-dir", str(tmp_path), "--quiet", *extra)
+    assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_missing_ray_is_a_one_line_error(npz, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(__import__("sys").modules, "ray", None)  # as if Ray were not installed
+    code, err = bench_main(monkeypatch, capsys, "run", "--algo", "standalone", "--dataset", str(npz),
+                           "--clients", "5", "--rounds", "1", "--output-dir", str(tmp_path), "--executor", "ray")
+    assert code == 2 and "pip install 'mhpfl-bench[ray]'" in err, err
