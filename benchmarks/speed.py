@@ -51,7 +51,6 @@ from bench.runner import client_splits  # noqa: E402
 from bench.simulator import Simulation  # noqa: E402
 from benchmarks import instrument  # noqa: E402
 from benchmarks.loops import FloorRun, ReferenceRun  # noqa: E402
-from benchmarks.proposed import use_gather_augmentation  # noqa: E402
 from data.device_data import DeviceData  # noqa: E402
 from data.sources import synthetic_dataset  # noqa: E402
 from models.adapters import LoRAAdapter  # noqa: E402
@@ -85,8 +84,6 @@ class Plan:
     seed: int = 0
     mlflow: bool = True
     model_group: str = "cnn-hetero"
-    proposed: bool = False         # the harness with the prototypes of benchmarks/proposed.py (FLOP cache,
-                                   # gather augmentation)
     harness_batched: bool = False  # run the harness with cfg.batched_training (once integrated)
     algorithms: list[str] = field(default_factory=list)
 
@@ -181,31 +178,29 @@ class TrackingProbe:
     def measure(self, key: str, metrics: dict[str, float], rounds: int = 3) -> dict[str, float | None]:
         for t in self.trackers():
             t.start_run(key, {"algorithm": key}, {"benchmark": "speed"})
-        out: dict[str, float | None] = {"results_folder": None, "mlflow": None, "mlflow_async": None}
+        out: dict[str, float | None] = {"results_folder": None, "mlflow": None, "mlflow_sync": None}
         for name, tracker in (("results_folder", self.results), ("mlflow", self.mlflow)):
             if tracker is None:
                 continue
             times = []
             for step in range(1, rounds + 1):
                 start = time.perf_counter()
-                tracker.log_round(key, step, metrics)
+                tracker.log_round(key, step, metrics)  # MLflow: queued on its logging thread (async)
                 times.append(time.perf_counter() - start)
             out[name] = median(times)
-        if self.mlflow is not None:  # the proposed variant: the same batch, logged asynchronously
+        if self.mlflow is not None:
             from mlflow.entities import Metric
 
-            times, pending = [], []
+            run_id = self.mlflow.run_ids[key]
+            self.mlflow._flush(run_id)  # the queued rounds are written (outside the timing; errors raise)
+            times = []  # for comparison: the same batch written synchronously (what log_round did before)
             for step in range(rounds + 1, 2 * rounds + 1):
                 start = time.perf_counter()
                 now = int(time.time() * 1000)
                 batch = [Metric(n, float(v), now, step) for n, v in metrics.items()]
-                pending.append(self.mlflow.client.log_batch(self.mlflow.run_ids[key], metrics=batch,
-                                                            synchronous=False))
+                self.mlflow.client.log_batch(run_id, metrics=batch, synchronous=True)
                 times.append(time.perf_counter() - start)
-            for p in pending:
-                if p is not None:
-                    p.wait()
-            out["mlflow_async"] = median(times)
+            out["mlflow_sync"] = median(times)
         return out
 
     def close(self) -> None:
@@ -297,7 +292,7 @@ def measure_algorithm(name: str, algo_cls, setting: Setting, plan: Plan, dataset
     floor_ratios = [o / f for o, f in zip(times["ours"], times["floor"])]
     round_for_shares = ours_med
     shares = {k: v / hot_total for k, v in hot_parts.items()}
-    for tname in ("mlflow", "results_folder", "mlflow_async"):
+    for tname in ("mlflow", "results_folder", "mlflow_sync"):
         shares[f"tracking_{tname}"] = (tracking[tname] / round_for_shares) if tracking[tname] is not None else None
     result = {
         "clients_per_round": sampled,
@@ -420,10 +415,9 @@ def evaluate_targets(results: dict[str, Any], batched: dict[str, Any] | None) ->
 
 
 def explain(results: dict[str, Any], targets: list[dict[str, Any]], batched: dict[str, Any] | None,
-            settings: list[dict[str, Any]] | None = None, proposed: dict[str, Any] | None = None) -> list[str]:
+            settings: list[dict[str, Any]] | None = None) -> list[str]:
     """One note per unmet target or over-10% overhead part, saying why and what remains."""
     participation = {x["name"]: x["participation"] for x in settings or []}
-    proposed_results = (proposed or {}).get("results", {})
     notes = []
     seen: set[tuple] = set()
     for t in targets:
@@ -474,21 +468,18 @@ def explain(results: dict[str, Any], targets: list[dict[str, Any]], batched: dic
                 f"share is FlopCounterMode running on steps whose key is new: with N=100 and C=0.1 most sampled "
                 f"clients are new in the measured rounds and each brings new keys (its last, smaller batch, its "
                 f"test and validation sizes). Each key is counted once per run, so after every client has been "
-                f"sampled (about 50 rounds at N=100, C=0.1) the share is the N=10 one. The proposed affine cache "
-                f"(benchmarks/proposed.py, PATCHES.md section 2) counts two or three sizes per phase and "
-                f"architecture and fills the others exactly"
-                + (lambda q: f": with it, FLOP accounting is {q['flop_accounting_share']:.1%} of the measured round "
-                             f"and floor_ratio {q['floor_ratio']:.2f} (breakdown {q['floor_ratio_breakdown']:.2f}); "
-                             f"what remains is the first sizes of each group and noise." if q else ".")(
-                    proposed_results.get(t["setting"], {}).get(t["algorithm"])))
+                f"sampled (about 50 rounds at N=100, C=0.1) the share is the N=10 one. The accountant fills new "
+                f"batch sizes from a line fitted per (kind, algorithm, phase, architecture) group once two sizes "
+                f"are measured and a third agrees, so what remains is those first two or three sizes per group "
+                f"(and groups that are new in these rounds).")
         elif "MLflow" in t["target"] or t["target"].startswith("overhead part tracking_mlflow"):
             tr = r["tracking_seconds"]
             notes.append(
-                f"{head} MLflow's synchronous log_batch (sqlite) takes {tr['mlflow'] * 1e3:.0f} ms per round, "
-                f"{sh['tracking_mlflow']:.1%} of this benchmark's short round ({sec['ours']:.2f}s for "
-                f"~{r['train_samples_per_round'][0]} training samples); a quick-preset CIFAR-10 round trains "
-                f"~40,000 samples, where the same call is <0.1%. Logging asynchronously (PATCHES.md section 3) "
-                f"takes {tr['mlflow_async'] * 1e3:.1f} ms of the round's time.")
+                f"{head} MLflow logging (log_round: the round's metrics queued on MLflow's logging thread) takes "
+                f"{tr['mlflow'] * 1e3:.1f} ms per round, {sh['tracking_mlflow']:.1%} of this benchmark's short "
+                f"round ({sec['ours']:.2f}s for ~{r['train_samples_per_round'][0]} training samples; the same batch "
+                f"written synchronously takes {tr['mlflow_sync'] * 1e3:.0f} ms). A quick-preset CIFAR-10 round "
+                f"trains ~40,000 samples, where it is <0.1%.")
         elif t["target"].startswith("overhead part evaluation") or t["target"].startswith("evaluation"):
             notes.append(
                 f"{head} evaluation is {sh['evaluation']:.1%} of the round: the test and validation forwards of "
@@ -534,18 +525,6 @@ PART_NOTES = {
 }
 
 
-def summarise_companion(other: dict[str, Any]) -> dict[str, Any]:
-    """The headline figures of a `--proposed` run (speed-proposed.json), for this report."""
-    out = {"stamp": {k: other["stamp"].get(k) for k in ("date_utc", "commit", "load_average_start")},
-           "load_average_end": other.get("load_average_end"), "results": {}}
-    for sname, per_algo in other["results"].items():
-        out["results"][sname] = {
-            algo: {k: r.get(k) for k in ("floor_ratio", "floor_ratio_breakdown", "speedup", "flop_accounting_share",
-                                         "flop_accounting_share_first_round", "seconds_per_round", "breakdown_share")}
-            for algo, r in per_algo.items() if "error" not in r}
-    return out
-
-
 def markdown(report: dict[str, Any]) -> str:
     s = report["stamp"]
     lines = [
@@ -567,8 +546,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['plan']['eval_batch_size']}, label skew with 2 classes per client, SGD(0.01, 0.9, wd 1e-3), "
         f"clip 50, augmentation on; one warm-up round then "
         f"{', '.join(str(x['reps']) + ' (' + x['name'] + ')' for x in report['plan']['settings'])} timed rounds "
-        f"per loop. Harness with the proposed prototypes (benchmarks/proposed.py): "
-        f"{'yes' if report['plan'].get('proposed') else 'no'}; harness batched training: "
+        f"per loop. Harness batched training: "
         f"{'on' if report['plan'].get('harness_batched') else 'off'}.",
         "",
     ]
@@ -633,20 +611,6 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {b['arch']} | {b['clients']} | {b['sequential_seconds']:.3f} | {b['batched_seconds']:.3f} | "
                          f"{b['speedup']:.2f} | {b['max_abs_param_diff']:.1e} |")
         lines.append("")
-    if report.get("proposed"):
-        pro = report["proposed"]
-        lines += ["## With the proposed fixes (benchmarks/proposed.py; `--proposed --name speed-proposed`)", "",
-                  f"Separate run ({pro['stamp']['date_utc']}, load average {pro['stamp']['load_average_start'][0]:.2f}): "
-                  "the harness with the affine FLOP cache and the gather augmentation, everything else equal.", "",
-                  "| setting | algorithm | floor_ratio | floor_ratio (breakdown) | speedup | data | FLOP acct | "
-                  "FLOP acct, first round |", "|---|---|---|---|---|---|---|---|"]
-        for sname, per_algo in pro["results"].items():
-            for algo, r in per_algo.items():
-                fb = r.get("floor_ratio_breakdown")
-                lines.append(f"| {sname} | {algo} | {r['floor_ratio']:.3f} | {'-' if fb is None else f'{fb:.3f}'} | "
-                             f"{r['speedup']:.2f} | {r['breakdown_share']['data']:.1%} | "
-                             f"{r['flop_accounting_share']:.2%} | {r['flop_accounting_share_first_round']:.2%} |")
-        lines.append("")
     lines += ["## Targets", "", "| target | setting | algorithm | value | met |", "|---|---|---|---|---|"]
     for t in report["targets"]:
         lines.append(f"| {t['target']} | {t['setting']} | {t['algorithm']} | {t['value']:.3f} | "
@@ -674,20 +638,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-batched", action="store_true", help="skip the batched-training measurement")
     ap.add_argument("--harness-batched", action="store_true",
                     help="run the harness with cfg.batched_training=True (needs the integration patch)")
-    ap.add_argument("--proposed", action="store_true",
-                    help="run the harness with the prototypes of benchmarks/proposed.py (affine FLOP cache, "
-                         "gather augmentation): what the patches of benchmarks/PATCHES.md would give")
     return ap.parse_args(argv)
 
 
 def finish(report: dict[str, Any], out_dir: Path, name: str) -> None:
     """Targets, notes and the companion summary from the measurements; write NAME.json and NAME.md."""
-    companion = out_dir / "speed-proposed.json"
-    if name != "speed-proposed" and companion.exists():
-        report["proposed"] = summarise_companion(json.loads(companion.read_text()))
     report["targets"] = evaluate_targets(report["results"], report["batched"])
-    report["notes"] = explain(report["results"], report["targets"], report["batched"], report["plan"]["settings"],
-                              report.get("proposed"))
+    report["notes"] = explain(report["results"], report["targets"], report["batched"], report["plan"]["settings"])
     if not report["stamp"]["gpu_available"]:
         report["notes"].append("No GPU was available in this session: peak device memory, GPU timings and the GPU "
                                "speed-up of batched training are not measured (the benchmark measures them when "
@@ -711,7 +668,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.setting:
         plan.settings = [s for s in plan.settings if s.name in args.setting]
     plan.mlflow = not args.no_mlflow
-    plan.proposed = args.proposed
     plan.harness_batched = args.harness_batched
     if plan.harness_batched and not hasattr(RunConfig(), "batched_training"):
         raise SystemExit("--harness-batched: this checkout's RunConfig has no batched_training field "
@@ -743,8 +699,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             dataset = synthetic_dataset(num_classes=10, train_size=train_size,
                                         test_size=setting.num_clients * setting.test_per_client, seed=plan.seed)
             data = DeviceData(dataset, device, augment=True)
-            if plan.proposed:
-                use_gather_augmentation(data)  # only the harness augments through DeviceData
             per_algo = report["results"].setdefault(setting.name, {})
             for name in names:
                 log(f"{setting.name} {name} ...")

@@ -353,3 +353,28 @@ def test_normalisation_centres_the_data(small):
     assert x.mean(dim=(0, 2, 3)).abs().max() < 0.05
     assert (x.std(dim=(0, 2, 3)) - 1).abs().max() < 0.05
     assert data.num_classes == 10 and data.image_shape == (3, 32, 32)
+
+
+def test_gather_augmentation_equals_advanced_indexing_bitwise():
+    """crop_and_flip's one gather draws the same random numbers and returns exactly the batch of the
+    straightforward advanced-indexing crop and flip it replaced."""
+    from data.device_data import PAD
+
+    def indexed_crop_and_flip(x, generator):
+        n, c, h, w = x.shape
+        padded = torch.nn.functional.pad(x, (PAD, PAD, PAD, PAD))
+        dy = torch.randint(0, 2 * PAD + 1, (n, 1), generator=generator)
+        dx = torch.randint(0, 2 * PAD + 1, (n, 1), generator=generator)
+        flip = torch.rand((n, 1), generator=generator) < 0.5
+        cols = torch.arange(w)
+        cols = dx + torch.where(flip, w - 1 - cols, cols)
+        rows = dy + torch.arange(h)
+        batch, chan = torch.arange(n).view(n, 1, 1, 1), torch.arange(c).view(1, c, 1, 1)
+        return padded[batch, chan, rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
+
+    data = DeviceData(synthetic_dataset(train_size=100, test_size=10), torch.device("cpu"))
+    for n in (1, 37):
+        x = data.x_train[:n]
+        a = data.crop_and_flip(x, torch.Generator().manual_seed(3))
+        b = indexed_crop_and_flip(x, torch.Generator().manual_seed(3))
+        assert a.dtype == b.dtype and torch.equal(a, b)

@@ -49,21 +49,3 @@ def test_tiny_speed_benchmark(tmp_path):
     assert report["batched"] and all(b["speedup"] > 0 for b in report["batched"].values())
     assert all(b["max_abs_param_diff"] < 1e-3 for b in report["batched"].values())
     assert isinstance(report["targets"], list) and report["targets"]
-
-
-def test_gather_augmentation_is_bitwise_the_same():
-    """benchmarks/proposed.py's one-gather crop and flip (the data/ patch the benchmark proposes) draws the
-    same random numbers and returns exactly DeviceData.crop_and_flip's batch."""
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    import torch
-
-    from benchmarks.proposed import gather_crop_and_flip
-    from data.device_data import DeviceData
-    from data.sources import synthetic_dataset
-
-    data = DeviceData(synthetic_dataset(train_size=100, test_size=10), torch.device("cpu"))
-    x = data.x_train[:37]
-    a = data.crop_and_flip(x, torch.Generator().manual_seed(3))
-    b = gather_crop_and_flip(data, x, torch.Generator().manual_seed(3))
-    assert torch.equal(a, b)
