@@ -60,7 +60,7 @@ class RunContext:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed * 1000 + AUGMENT_STREAM)
         self.round_metrics: dict[str, list[tuple[torch.Tensor, float]]] = {}
-        self.last_train_loss = torch.full((), float("nan"))  # mean loss of the latest ctx.train call
+        self.last_train_loss = torch.full((), float("nan"), device=device)  # mean loss of the latest ctx.train call
         self.round_losses: list[tuple[int, str, torch.Tensor]] = []  # (client, phase, mean loss) this round
 
     # ---- models and optimisers ------------------------------------------------------------------
@@ -188,10 +188,10 @@ class Simulation:
             client = self.clients[cid]
             client.state = self.store.checkout(cid)
             payload, down = transmit(self.algo.server_payload(client, round_index), self.device)
-            self.ctx.last_train_loss = torch.full((), float("nan"))
+            self.ctx.last_train_loss = torch.full((), float("nan"), device=self.device)
             upload = self.algo.client_update(client, payload, round_index)
             uploads[cid], up = transmit(upload, self.device)
-            train_losses.append(self.ctx.last_train_loss.cpu())  # the client's final training phase
+            train_losses.append(self.ctx.last_train_loss.detach())  # the client's final phase; no host sync
             self.bytes_up[cid] += up
             self.bytes_down[cid] += down
             up_total += up
