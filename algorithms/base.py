@@ -98,6 +98,19 @@ class Algorithm:
         """Local training; keeps personal state in client.state and returns the upload."""
         raise NotImplementedError
 
+    def client_update_many(self, clients: list["Client"], payloads: dict[int, Payload],
+                           round_index: int) -> dict[int, Payload]:
+        """Local updates of all of this round's clients (called instead of client_update when
+        cfg.batched_training). The default runs client_update one client after the other; an algorithm whose
+        local training is plain cross-entropy overrides it and trains through ctx.train_many (which records
+        each client's loss in ctx.client_losses, as this default does with the loss of its final ctx.train)."""
+        updates = {}
+        for c in clients:
+            self.ctx.last_train_loss = torch.full((), float("nan"), device=self.ctx.device)
+            updates[c.id] = self.client_update(c, payloads[c.id], round_index)
+            self.ctx.client_losses[c.id] = self.ctx.last_train_loss.detach()
+        return updates
+
     def aggregate(self, uploads: dict[int, Payload], round_index: int) -> None:
         """Server update from the uploads of the sampled clients (keyed by client id)."""
 

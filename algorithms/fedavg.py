@@ -48,6 +48,13 @@ class FedAvg(Algorithm):
                        phase="local")
         return state_payload(model)
 
+    def client_update_many(self, clients, payloads, round_index: int) -> dict[int, Payload]:
+        models = [c.state["model"].train() for c in clients]
+        for c, model in zip(clients, models):
+            load_payload(model, payloads[c.id])
+        self.ctx.train_many(clients, models, self.ctx.cfg.local_epochs, phase="local")
+        return {c.id: state_payload(model) for c, model in zip(clients, models)}
+
     def aggregate(self, uploads: dict[int, Payload], round_index: int) -> None:
         load_payload(self.global_model, weighted_average(uploads, self.ctx.client_weights))
 

@@ -131,6 +131,19 @@ class FedGH(Algorithm):
         labels = torch.cat([uploads[i]["classes"].long() for i in ids])
         return reps, labels
 
+    def client_update_many(self, clients, payloads, round_index: int) -> dict[int, Payload]:
+        models = [c.state["model"] for c in clients]
+        for c, model in zip(clients, models):
+            if payloads[c.id]:
+                load_payload(model.header, payloads[c.id])
+            model.train()
+        self.ctx.train_many(clients, models, self.ctx.cfg.local_epochs, phase="local")
+        out = {}
+        for c in clients:
+            classes, reps = self.representations(c)
+            out[c.id] = {"reps": reps, "classes": classes.to(class_id_dtype(self.ctx.num_classes))}
+        return out
+
     def aggregate(self, uploads: dict[int, Payload], round_index: int) -> None:
         reps, labels = self.pairs(uploads)
         batch = self.hp.server_batch_size or len(labels)

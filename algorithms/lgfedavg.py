@@ -74,6 +74,14 @@ class LGFedAvg(Algorithm):
                        phase="local")
         return state_payload(model.header, PREFIX)
 
+    def client_update_many(self, clients, payloads, round_index: int) -> dict[int, Payload]:
+        models = [c.state["model"].train() for c in clients]
+        for c, model in zip(clients, models):
+            if payloads[c.id]:
+                load_payload(model.header, payloads[c.id], PREFIX)
+        self.ctx.train_many(clients, models, self.ctx.cfg.local_epochs, phase="local")
+        return {c.id: state_payload(model.header, PREFIX) for c, model in zip(clients, models)}
+
     def aggregate(self, uploads: dict[int, Payload], round_index: int) -> None:
         load_payload(self.global_header, weighted_average(uploads, self.ctx.client_weights), PREFIX)
         self.has_global = True

@@ -102,6 +102,34 @@ class PFedLoRA(Algorithm):
         set_trainable(adapter, True)
         return state_payload(adapter)
 
+    def client_update_many(self, clients, payloads, round_index: int) -> dict[int, Payload]:
+        """Batched rounds: phase 1 for all clients (same-architecture F_k together, adapters as frozen
+        partners), then phase 2 for all (every client's adapter in one stack, F_k as frozen partners).
+        Only the additive placement ("model") with iterative training; otherwise one client at a time."""
+        if self.hp.placement != "model" or self.hp.training != "iterative":
+            return super().client_update_many(clients, payloads, round_index)
+        models = [c.state["model"] for c in clients]
+        adapters = [c.state["adapter"] for c in clients]
+        for c, adapter in zip(clients, adapters):
+            load_payload(adapter, payloads[c.id])
+        e_local, e_adapter = self.epochs()
+        for model, adapter in zip(models, adapters):
+            set_trainable(model, True)
+            set_trainable(adapter, False)
+        self.ctx.train_many(clients, models, e_local, "phase1-train-model", partners=adapters)
+        if self.hp.eval_phase1:
+            for c in clients:
+                correct, count, _ = self.ctx.evaluate(c, lambda x, c=c: self.predict(c, x), tag="eval-phase1")
+                self.ctx.record("acc_phase1", correct / max(count, 1), weight=count)
+        for model, adapter in zip(models, adapters):
+            set_trainable(model, False)
+            set_trainable(adapter, True)
+        self.ctx.train_many(clients, adapters, e_adapter, "phase2-train-adapter", partners=models)
+        for model, adapter in zip(models, adapters):
+            set_trainable(model, True)
+            set_trainable(adapter, True)
+        return {c.id: state_payload(adapter) for c, adapter in zip(clients, adapters)}
+
     def aggregate(self, uploads: dict[int, Payload], round_index: int) -> None:
         load_payload(self.global_adapter, weighted_average(uploads, self.ctx.client_weights))
 

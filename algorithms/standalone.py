@@ -20,3 +20,8 @@ class Standalone(Algorithm):
         self.ctx.train(client, [model], lambda x, y: F.cross_entropy(model(x), y), self.ctx.cfg.local_epochs,
                        phase="local")
         return {}
+
+    def client_update_many(self, clients, payloads, round_index: int) -> dict[int, Payload]:
+        models = [c.state["model"].train() for c in clients]
+        self.ctx.train_many(clients, models, self.ctx.cfg.local_epochs, phase="local")
+        return {c.id: {} for c in clients}

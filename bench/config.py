@@ -44,6 +44,10 @@ class RunConfig:
     target_accuracy: float | None = None  # None: 0.9 for CIFAR-10-like, 0.5 for CIFAR-100-like data
     offload_state: bool = False       # keep client states in host memory between rounds (large N on GPU)
     flop_cache: bool = True           # count each distinct step once (False: count every step)
+    batched_training: bool = False    # train same-architecture clients together (bench/batched.py) where the
+                                      # algorithm opts in (plain CE phases); equal to sequential per client on
+                                      # the same batches, but draws batches in another order (other numbers
+                                      # than a sequential run of the same seed); slower on CPU, unmeasured on GPU
     tracking_uri: str | None = None   # None: sqlite store in output_dir, no server needed
     checkpoint_every: int = 1         # save the run's complete state every k rounds (0: never), for --resume
     keep_checkpoints: bool = False    # keep a finished run's last checkpoint (default: deleted when it finishes)

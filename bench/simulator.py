@@ -5,6 +5,7 @@ evaluate -> metrics -> trackers. Bytes are measured here on the payloads; FLOPs 
 around the training steps, evaluation and aggregation."""
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -61,6 +62,7 @@ class RunContext:
         self.generator.manual_seed(seed * 1000 + AUGMENT_STREAM)
         self.round_metrics: dict[str, list[tuple[torch.Tensor, float]]] = {}
         self.last_train_loss = torch.full((), float("nan"), device=device)  # mean loss of the latest ctx.train call
+        self.client_losses: dict[int, torch.Tensor] = {}  # batched rounds: each client's final-phase loss
         self.round_losses: list[tuple[int, str, torch.Tensor]] = []  # (client, phase, mean loss) this round
 
     # ---- models and optimisers ------------------------------------------------------------------
@@ -109,6 +111,55 @@ class RunContext:
         self.round_losses.append((client.id, phase, self.last_train_loss))
         return self.last_train_loss
 
+    def train_many(self, clients: Sequence[Client], models: Sequence[nn.Module], epochs: int, phase: str,
+                   partners: Sequence[nn.Module | None] | None = None) -> dict[int, torch.Tensor]:
+        """Cross-entropy training of models[i] on clients[i]'s training batches, i.e. for every i
+        self.train(clients[i], [models[i]], CE(models[i](x) + partners[i](x), y), epochs, phase), where a
+        partner is a frozen module whose output is added to the logits (or None). With cfg.batched_training
+        the clients whose models share an architecture train together (bench/batched.py): equal to
+        sequential training on the same batches within float tolerance (the batches are drawn from the run's
+        generator in lockstep order, so a seeded run differs from the sequential one). FLOPs are credited per
+        client and batch under the same keys as self.train. Returns each client's mean training loss."""
+        from bench.batched import SGDSettings, can_batch, train_same_arch
+
+        partners = list(partners) if partners is not None else [None] * len(clients)
+        groups: dict[tuple, list[int]] = {}
+        for i, m in enumerate(models):
+            signature = tuple((n, tuple(p.shape), p.requires_grad) for n, p in m.named_parameters())
+            groups.setdefault((type(m), signature), []).append(i)
+        losses: dict[int, torch.Tensor] = {}
+        for members in groups.values():
+            group = [models[i] for i in members]
+            if not self.cfg.batched_training or len(members) == 1 or not can_batch(group):
+                for i in members:
+                    losses[clients[i].id] = self.train(clients[i], [models[i]], _ce_loss(models[i], partners[i]),
+                                                       epochs, phase).detach()
+                continue
+            steps = [epochs * math.ceil(clients[i].num_train / self.cfg.batch_size) for i in members]
+            streams = [self._counted_batches(clients[i], models[i], partners[i], epochs, phase) for i in members]
+            extra = None
+            if any(partners[i] is not None for i in members):
+                extra = lambda k, t, x: partners[members[k]](x)  # noqa: E731
+            out = train_same_arch(group, streams, SGDSettings.from_config(self.cfg), extra_logits=extra, steps=steps)
+            for i, loss in zip(members, out):
+                losses[clients[i].id] = loss
+                self.round_losses.append((clients[i].id, phase, loss))
+        self.client_losses.update(losses)  # a later phase overwrites: the round reports the final phase
+        return losses
+
+    def _counted_batches(self, client: Client, model: nn.Module, partner: nn.Module | None, epochs: int,
+                         phase: str):
+        """The client's training batches for `epochs` epochs, each credited with its step's FLOPs under
+        self.train's key; a key not yet cached is counted on meta-device copies (shapes only, no compute)."""
+        for _ in range(epochs):
+            for x, y in self.data.train_batches(client.split.train, self.cfg.batch_size, self.generator):
+                key = (self.algo_name, phase, client.arch, len(y))
+                cached = self.accountant.is_cached("train", key)
+                with self.accountant.count("train", key, client.id):
+                    if not cached:
+                        _meta_step(model, partner, x, y)
+                yield x, y
+
     # ---- evaluation -------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, client: Client, predict: Callable[[torch.Tensor], torch.Tensor], split: str = "test",
@@ -128,6 +179,22 @@ class RunContext:
         """An extra per-round metric from inside a hook (e.g. pFedLoRA's accuracy after phase 1);
         the round figure is the weighted mean over the clients that recorded it."""
         self.round_metrics.setdefault(name, []).append((torch.as_tensor(value, dtype=torch.float32), weight))
+
+
+def _ce_loss(model: nn.Module, partner: nn.Module | None):
+    if partner is None:
+        return lambda x, y: nn.functional.cross_entropy(model(x), y)
+    return lambda x, y: nn.functional.cross_entropy(model(x) + partner(x), y)
+
+
+def _meta_step(model: nn.Module, partner: nn.Module | None, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Forward and backward of one training step on meta-device copies: what FlopCounterMode counts, free."""
+    meta_x, meta_y = x.to("meta"), y.to("meta")
+    logits = copy.deepcopy(model).to("meta")(meta_x)
+    if partner is not None:
+        logits = logits + copy.deepcopy(partner).to("meta")(meta_x)
+    with torch.autograd.set_detect_anomaly(False):  # anomaly checks read values back: none on meta
+        nn.functional.cross_entropy(logits, meta_y).backward()
 
 
 @dataclass
@@ -184,18 +251,34 @@ class Simulation:
         uploads: dict[int, Payload] = {}
         train_losses = []
         up_total = down_total = 0
-        for cid in sampled:
-            client = self.clients[cid]
-            client.state = self.store.checkout(cid)
-            payload, down = transmit(self.algo.server_payload(client, round_index), self.device)
-            self.ctx.last_train_loss = torch.full((), float("nan"), device=self.device)
-            upload = self.algo.client_update(client, payload, round_index)
-            uploads[cid], up = transmit(upload, self.device)
-            train_losses.append(self.ctx.last_train_loss.detach())  # the client's final phase; no host sync
-            self.bytes_up[cid] += up
-            self.bytes_down[cid] += down
-            up_total += up
-            down_total += down
+        if self.cfg.batched_training:  # all downloads, then the clients' updates together, then all uploads
+            payloads: dict[int, Payload] = {}
+            for cid in sampled:
+                client = self.clients[cid]
+                client.state = self.store.checkout(cid)
+                payloads[cid], down = transmit(self.algo.server_payload(client, round_index), self.device)
+                self.bytes_down[cid] += down
+                down_total += down
+            self.ctx.client_losses = {}
+            updates = self.algo.client_update_many([self.clients[c] for c in sampled], payloads, round_index)
+            for cid in sampled:
+                uploads[cid], up = transmit(updates[cid], self.device)
+                self.bytes_up[cid] += up
+                up_total += up
+                train_losses.append(self.ctx.client_losses.get(cid, torch.full((), float("nan"), device=self.device)))
+        else:
+            for cid in sampled:
+                client = self.clients[cid]
+                client.state = self.store.checkout(cid)
+                payload, down = transmit(self.algo.server_payload(client, round_index), self.device)
+                self.ctx.last_train_loss = torch.full((), float("nan"), device=self.device)
+                upload = self.algo.client_update(client, payload, round_index)
+                uploads[cid], up = transmit(upload, self.device)
+                train_losses.append(self.ctx.last_train_loss.detach())  # the client's final phase; no host sync
+                self.bytes_up[cid] += up
+                self.bytes_down[cid] += down
+                up_total += up
+                down_total += down
         check_finite(self.ctx.round_losses, round_index)
         with self.accountant.count("server"):
             self.algo.aggregate(uploads, round_index)

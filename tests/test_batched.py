@@ -181,3 +181,15 @@ def test_batched_rounds_equal_sequential_rounds(simulation, algorithm, group):
             assert a[key] == b[key], key
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4, abs=1e-5)
         assert a["acc_mean"] == pytest.approx(b["acc_mean"], abs=0.02)
+
+
+@pytest.mark.skipif(not _integrated(), reason="batched training is not wired into the simulator yet")
+def test_algorithms_without_a_batched_path_are_unchanged_by_the_option(simulation):
+    """FML has no client_update_many of its own: with batched_training its clients run one after the other
+    through the default, with the same batches, so the round's numbers (train_loss included) are the same."""
+    metrics = {}
+    for batched in (False, True):
+        sim = simulation("fml", batched_training=batched, rounds=1)
+        metrics[batched] = sim.run_round(0)
+    for key in ("train_loss", "train_flops", "eval_flops", "bytes_up", "bytes_down", "acc_mean"):
+        assert metrics[True][key] == metrics[False][key], key
