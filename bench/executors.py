@@ -149,18 +149,18 @@ def remote_run(cfg: RunConfig, algorithm: str, seed: int, target: float, config:
                checkpoint: str | None, threads: int, queue, invocation: int) -> tuple[dict[str, Any], str]:
     """One run inside a Ray worker: load the data, run the round loop, forward every event to the driver.
     Always continues from the run's checkpoint when one exists (a retry after the worker died)."""
+    import ray
     import torch
 
     from bench.registry import resolve_algorithms
     from bench.runner import execute_run, load_inputs, resolve_device
-
-    import ray
 
     torch.set_num_threads(threads)
     # A task without a GPU request must not wander onto a GPU that Ray did not give it.
     device = resolve_device("cpu" if cfg.device == "auto" and not ray.get_gpu_ids() else cfg.device)
     dataset, data, splits = load_inputs(cfg, device)  # all seeds' splits: the data may depend on the first seed
     algo_cls = resolve_algorithms([algorithm])[0]
+    config = {**config, "device_resolved": str(device)}  # the run's params name the device it ran on
     return execute_run(cfg, algo_cls, seed, data, splits[seed], device, [ForwardingTracker(queue, invocation)],
                        Progress(0, enabled=False), target, config, dataset.name, resume=True,
                        checkpoint_dir=Path(checkpoint) if checkpoint else None)
@@ -176,7 +176,6 @@ class GridRun:
     last_step: int = -1
     ended: bool = False                  # the worker sent the run's end
     best: float = float("-inf")
-    start: float = 0.0
 
 
 def run_on_ray(cfgs: list[RunConfig], options: ExecutorOptions, *, show_progress: bool = True,
@@ -190,19 +189,20 @@ def run_on_ray(cfgs: list[RunConfig], options: ExecutorOptions, *, show_progress
     connect(ray, options)
     gpus = gpus_per_run(ray, options, cfgs[0].device if cfgs else "cpu")
     invocations = []
+    estimate = 0.0
     try:
         for cfg in cfgs:  # every setting is checked, and its folder taken, before anything runs
-            invocations.append(open_invocation(cfg, use_mlflow=use_mlflow, resume=resume, keep_inputs=True))
+            inv = open_invocation(cfg, use_mlflow=use_mlflow, resume=resume, remote=True)
+            invocations.append(inv)
+            if inv.pending:
+                _, data, splits = inv.inputs
+                estimate += sum(estimate_seconds(cfg, data, splits[inv.pending[0][0]], inv.device).values())
+            inv.inputs = None  # the workers load their own data
         progress = Progress(sum(inv.cfg.rounds * len(inv.pending) for inv in invocations), enabled=show_progress)
-        estimate = 0.0
         for inv in invocations:
             progress.echo(inv.header())
             for key in inv.outcome.skipped:
                 progress.echo(f"{key}: already finished in {inv.root}; kept")
-            if inv.pending:
-                _, data, splits = inv.inputs
-                estimate += sum(estimate_seconds(inv.cfg, data, splits[inv.pending[0][0]], inv.device).values())
-            inv.inputs = None  # the workers load their own data
         from ray.util.queue import Queue
 
         queue = Queue()
@@ -220,8 +220,8 @@ def run_on_ray(cfgs: list[RunConfig], options: ExecutorOptions, *, show_progress
                 refs[ref] = grid[(i, key)] = GridRun(i, key, inv.cfg.rounds)
         slots = max(1, int(float(ray.cluster_resources().get("CPU", 1)) // options.cpus_per_run))
         progress.echo(f"ray: {len(refs)} runs as tasks ({options.cpus_per_run:g} CPU, {gpus:g} GPU each) on "
-                      f"{ray.cluster_resources().get('CPU', 0):g} CPUs; estimated ~{fmt_duration(estimate)} of "
-                      f"compute, ~{fmt_duration(estimate / min(slots, max(1, len(refs))))} with "
+                      f"{ray.cluster_resources().get('CPU', 0):g} CPUs; estimated (from steps timed on the driver's CPU) "
+                      f"~{fmt_duration(estimate)} of compute, ~{fmt_duration(estimate / min(slots, max(1, len(refs))))} with "
                       f"{min(slots, max(1, len(refs)))} in parallel")
         grid_status = lambda: progress.echo(grid_line(grid.values(), progress))  # noqa: E731
 
@@ -230,8 +230,6 @@ def run_on_ray(cfgs: list[RunConfig], options: ExecutorOptions, *, show_progress
                 inv, key = invocations[invocation], args[0]
                 run = grid[(invocation, key)]
                 if event in ("start_run", "resume_run"):
-                    if run.state == "pending":
-                        run.start = time.perf_counter()
                     run.state, run.pid = "running", pid
                     if event == "resume_run" and args[3] >= 0:
                         progress.echo(f"{key}: continuing after round {args[3]} (worker {pid})")

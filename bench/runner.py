@@ -175,7 +175,7 @@ class Invocation:
         cfg = self.cfg
         return (f"bench: {', '.join(c.name for c in self.algo_classes)} on {self.dataset_name} "
                 f"({cfg.num_clients} clients, C={cfg.participation}, {cfg.rounds} rounds, E={cfg.local_epochs}, "
-                f"seeds {cfg.seeds}) on {self.device}; results in {self.root}" + ("  [resumed]" if self.resuming else ""))
+                f"seeds {cfg.seeds}) on {self.config['device_resolved']}; results in {self.root}" + ("  [resumed]" if self.resuming else ""))
 
     def record(self, key: str, summary: dict[str, Any], status: str) -> None:
         self.outcome.summaries[key] = summary
@@ -214,10 +214,11 @@ def load_inputs(cfg: RunConfig, device: torch.device) -> tuple:
 
 
 def open_invocation(cfg: RunConfig, *, use_mlflow: bool = True, resume: bool = False,
-                    keep_inputs: bool = True) -> Invocation:
+                    remote: bool = False) -> Invocation:
     """Check `cfg` (bad input is refused before anything is written), take its results folder, start the
-    trackers and keep the finished runs of a resumed folder. The caller must `results.release()`."""
-    device = resolve_device(cfg.device)
+    trackers and keep the finished runs of a resumed folder. The caller must `results.release()`.
+    `remote`: the runs execute on Ray workers, which pick their own device; the checks run on this CPU."""
+    device = torch.device("cpu") if remote else resolve_device(cfg.device)
     algo_classes = resolve_algorithms(cfg.algorithms)
     if resume and cfg.run_name is None:
         raise UserError(NEEDS_RUN_NAME)
@@ -236,8 +237,8 @@ def open_invocation(cfg: RunConfig, *, use_mlflow: bool = True, resume: bool = F
                                                  cfg.experiment, output_dir, results)
             if mlflow_tracker is not None:
                 trackers.append(mlflow_tracker)
-        config = {**cfg.to_dict(), "run_name": root.name, "device_resolved": str(device), "target_acc": target,
-                  "torch": torch.__version__}
+        config = {**cfg.to_dict(), "run_name": root.name, "device_resolved": f"ray worker ({cfg.device})" if remote
+                  else str(device), "target_acc": target, "torch": torch.__version__}
         for t in trackers:
             resume_hook = getattr(t, "resume_invocation", None) if resuming else None
             (resume_hook or t.start_invocation)(root.name, config)
@@ -245,7 +246,7 @@ def open_invocation(cfg: RunConfig, *, use_mlflow: bool = True, resume: bool = F
         results.release()
         raise
     inv = Invocation(cfg, algo_classes, dataset.name, device, target, results, trackers, config, resuming,
-                     use_mlflow, [], InvocationResult(root), inputs if keep_inputs else None)
+                     use_mlflow, [], InvocationResult(root), inputs)
     for seed, cls in [(seed, cls) for seed in cfg.seeds for cls in algo_classes]:
         key = run_key(cls.name, seed)
         finished = results.finished_summary(key) if resuming else None

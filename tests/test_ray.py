@@ -4,6 +4,7 @@ step exactly once) and complete results folders; a killed worker's run is retrie
 fails clearly while the rest of the grid completes."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 from pathlib import Path
@@ -136,30 +137,27 @@ def kill_once(key: str, step: int):
     return hook, killed
 
 
-def test_killed_worker_is_retried_from_its_checkpoint_with_identical_results(npz, tmp_path, local_and_ray):
-    local, _, _ = local_and_ray
-    cfg = grid(npz, tmp_path, rounds=2)[0]
-    hook, killed = kill_once("pfedlora-seed0", 1)
-    [outcome] = run_on_ray([cfg], ExecutorOptions(kind="ray", max_retries=1), show_progress=False, on_event=hook)
-    assert killed and not outcome.failed and len(outcome.summaries) == 4
-    for algo in ALGOS:
-        for seed in (0, 1):
-            key = f"{algo}-seed{seed}"
-            assert rows(tmp_path / "C1.0", key) == rows(local / "C1.0", key), key
-    children = mlflow_runs(tmp_path)["C1.0"]["children"]
-    assert children["pfedlora-seed0"] == mlflow_runs(local)["C1.0"]["children"]["pfedlora-seed0"]
+def test_killed_worker_is_retried_from_its_checkpoint_with_identical_results(npz, tmp_path, capsys):
+    [cfg] = [dataclasses.replace(c, rounds=3, seeds=[0]) for c in grid(npz, tmp_path / "ray")[:1]]
+    hook, killed = kill_once("pfedlora-seed0", 2)  # the round-1 checkpoint is on disk by then
+    [outcome] = run_on_ray([cfg], ExecutorOptions(kind="ray", max_retries=1), on_event=hook)
+    assert killed and not outcome.failed and len(outcome.summaries) == 2
+    assert "pfedlora-seed0: continuing after round" in capsys.readouterr().err
+    reference = dataclasses.replace(cfg, algorithms=["pfedlora"], output_dir=str(tmp_path / "local"))
+    run_invocations([reference], show_progress=False)
+    assert rows(tmp_path / "ray" / "C1.0", "pfedlora-seed0") == rows(tmp_path / "local" / "C1.0", "pfedlora-seed0")
+    killed_run = mlflow_runs(tmp_path / "ray")["C1.0"]["children"]["pfedlora-seed0"]
+    assert killed_run == mlflow_runs(tmp_path / "local")["C1.0"]["children"]["pfedlora-seed0"]  # each step once
 
 
 def test_killed_worker_without_retries_fails_clearly_and_the_grid_completes(npz, tmp_path, capsys):
-    cfg = grid(npz, tmp_path, rounds=2)[0]
+    cfg = dataclasses.replace(grid(npz, tmp_path)[0], algorithms=["standalone"], seeds=[0, 1, 2], rounds=3)
     hook, killed = kill_once("standalone-seed1", 1)
-    [outcome] = run_on_ray([cfg], ExecutorOptions(kind="ray", max_retries=0), show_progress=True, on_event=hook)
+    [outcome] = run_on_ray([cfg], ExecutorOptions(kind="ray", max_retries=0), on_event=hook)
     assert killed and set(outcome.failed) == {"standalone-seed1"}
     assert "worker died" in outcome.failed["standalone-seed1"]
-    assert len(outcome.summaries) == 4
     summary = {r["run"]: r["status"] for r in read_csv(tmp_path / "C1.0" / "summary.csv")}
-    assert summary == {"standalone-seed0": "FINISHED", "pfedlora-seed0": "FINISHED", "pfedlora-seed1": "FINISHED",
-                       "standalone-seed1": "FAILED"}
+    assert summary == {"standalone-seed0": "FINISHED", "standalone-seed1": "FAILED", "standalone-seed2": "FINISHED"}
     tree = mlflow_runs(tmp_path)["C1.0"]
     assert tree["status"] == "FAILED" and tree["children"]["standalone-seed1"]["status"] == "FAILED"
     assert "standalone-seed1: FAILED (Ray worker died" in capsys.readouterr().err
