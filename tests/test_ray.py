@@ -7,6 +7,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -53,11 +58,11 @@ def rows(root: Path, key: str) -> list[dict[str, str]]:
     return [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in read_csv(root / "runs" / key / "metrics.csv")]
 
 
-def mlflow_runs(out: Path) -> dict[str, dict]:
-    """{parent name: {"id", "status", "children": {child name: {metric: [(step, value), ...]}}}}."""
+def mlflow_runs(out: Path, uri: str | None = None) -> dict[str, dict]:
+    """{parent name: {"status", "children": {child name: {"status", metric: [(step, value), ...]}}}}."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    client = MlflowClient(uri or f"sqlite:///{out / 'mlflow.db'}")
     exp = client.get_experiment_by_name("mhpfl-bench")
     runs = client.search_runs([exp.experiment_id])
     parents = {r.info.run_name: r for r in runs if r.data.tags.get("bench.kind") == "invocation"}
@@ -195,3 +200,42 @@ def test_missing_ray_is_a_one_line_error(npz, tmp_path, monkeypatch, capsys):
     code, err = bench_main(monkeypatch, capsys, "run", "--algo", "standalone", "--dataset", str(npz),
                            "--clients", "5", "--rounds", "1", "--output-dir", str(tmp_path), "--executor", "ray")
     assert code == 2 and "pip install 'mhpfl-bench[ray]'" in err, err
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on a free local port (about 10-20 s to start)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+                               f"sqlite:///{tmp_path / 'server.db'}", "--host", "127.0.0.1", "--port", str(port),
+                               "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail("mlflow server did not start")
+                time.sleep(0.5)
+        yield uri
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_ray_grid_logs_to_a_tracking_server(npz, tmp_path, mlflow_server):
+    cfg = dataclasses.replace(grid(npz, tmp_path)[0], algorithms=["standalone"], rounds=1,
+                              tracking_uri=mlflow_server)
+    [outcome] = run_invocations([cfg], show_progress=False, executor=RAY)
+    assert not outcome.failed and not outcome.mlflow_unsynced
+    tree = mlflow_runs(tmp_path, mlflow_server)
+    assert set(tree) == {"C1.0"} and set(tree["C1.0"]["children"]) == {"standalone-seed0", "standalone-seed1"}
+    for key, child in tree["C1.0"]["children"].items():
+        folder = read_csv(tmp_path / "C1.0" / "runs" / key / "metrics.csv")
+        assert child["acc_mean"] == [(int(r["step"]), float(r["acc_mean"])) for r in folder]  # every step once
+    assert not (tmp_path / "mlflow.db").exists()  # nothing went to the default store
