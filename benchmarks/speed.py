@@ -84,7 +84,7 @@ class Plan:
     seed: int = 0
     mlflow: bool = True
     model_group: str = "cnn-hetero"
-    harness_batched: bool = False  # run the harness with cfg.batched_training (once integrated)
+    harness_batched: bool = False  # run the harness with cfg.batched_training=True
     algorithms: list[str] = field(default_factory=list)
 
 
@@ -637,7 +637,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-mlflow", action="store_true", help="skip the MLflow logging measurement")
     ap.add_argument("--no-batched", action="store_true", help="skip the batched-training measurement")
     ap.add_argument("--harness-batched", action="store_true",
-                    help="run the harness with cfg.batched_training=True (needs the integration patch)")
+                    help="run the harness with cfg.batched_training=True (same-architecture clients "
+                         "trained together through bench/batched.py)")
     return ap.parse_args(argv)
 
 
@@ -669,9 +670,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         plan.settings = [s for s in plan.settings if s.name in args.setting]
     plan.mlflow = not args.no_mlflow
     plan.harness_batched = args.harness_batched
-    if plan.harness_batched and not hasattr(RunConfig(), "batched_training"):
-        raise SystemExit("--harness-batched: this checkout's RunConfig has no batched_training field "
-                         "(apply the integration patch of benchmarks/PATCHES.md)")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     registry = algorithms()

@@ -134,7 +134,7 @@ def test_lazy_streams_with_step_counts():
         assert_models_close(models[k], seq[k])
 
 
-# ---- the simulator integration (RunContext.train_many, cfg.batched_training; see benchmarks/PATCHES.md) ----
+# ---- the simulator integration (RunContext.train_many, cfg.batched_training) ----
 def _fixed_batches(sim) -> None:
     """Deterministic per-client batches (index order, no augmentation), so that sequential and batched
     rounds see identical batches whatever order they draw them in."""
