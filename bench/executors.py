@@ -178,6 +178,54 @@ class GridRun:
     best: float = float("-inf")
 
 
+class RayGrid:
+    """The driver's side of a grid: applies the workers' events to the trackers and keeps the progress."""
+
+    def __init__(self, invocations: list, progress: Progress, on_event=None):
+        self.invocations, self.progress, self.on_event = invocations, progress, on_event
+        self.runs: dict[tuple[int, str], GridRun] = {}
+
+    def status_line(self) -> str:
+        runs, p = list(self.runs.values()), self.progress
+        count = {state: sum(r.state == state for r in runs) for state in ("done", "running", "pending")}
+        elapsed = time.perf_counter() - p.start
+        eta = fmt_duration(elapsed / p.done_rounds * (p.total_rounds - p.done_rounds)) if p.done_rounds else "?"
+        return (f"grid: {count['done']}/{len(runs)} done, {count['running']} running, {count['pending']} pending; "
+                f"rounds {p.done_rounds}/{p.total_rounds}; ETA {eta}")
+
+    def apply(self, invocation: int, pid: int, event: str, args: tuple) -> None:
+        inv, key = self.invocations[invocation], args[0]
+        run = self.runs[(invocation, key)]
+        if event in ("start_run", "resume_run"):
+            run.state, run.pid = "running", pid
+            if event == "resume_run" and args[3] >= 0:
+                self.progress.echo(f"{key}: continuing after round {args[3]} (worker {pid})")
+            self.progress.echo(self.status_line())
+        for t in inv.trackers:  # the results folder first (durable), as in a local run
+            getattr(t, event)(*args)
+        if event == "log_round":
+            step, metrics = args[1], args[2]
+            if step > max(run.last_step, 0):  # a retried run re-sends its rounds: count each once
+                run.best = max(run.best, metrics.get("acc_mean", run.best))
+                self.progress.round_done(key, step, run.rounds, metrics, run.best, metrics.get("cum_round_time", 0.0))
+            run.last_step = max(run.last_step, step)
+        run.ended = run.ended or event == "end_run"
+        if self.on_event is not None:
+            self.on_event(run, event)
+
+    def finish(self, run: GridRun, summary: dict[str, Any], status: str) -> None:
+        inv = self.invocations[run.invocation]
+        if not run.ended:  # the worker died before it could close the run
+            for t in inv.trackers:
+                t.end_run(run.key, summary, [], status)
+        inv.record(run.key, summary, status)
+        run.state = "done"
+        self.progress.total_rounds -= run.rounds - max(run.last_step, 0)  # rounds a failed run will not send
+        if status != "FINISHED":
+            self.progress.echo(f"{run.key}: FAILED ({summary.get('error')})")
+        self.progress.echo(self.status_line())
+
+
 def run_on_ray(cfgs: list[RunConfig], options: ExecutorOptions, *, show_progress: bool = True,
                use_mlflow: bool = True, resume: bool = False, on_event=None) -> list:
     """Every pending run of every setting as a Ray task; events applied here as they arrive.
@@ -203,64 +251,34 @@ def run_on_ray(cfgs: list[RunConfig], options: ExecutorOptions, *, show_progress
             progress.echo(inv.header())
             for key in inv.outcome.skipped:
                 progress.echo(f"{key}: already finished in {inv.root}; kept")
+
         from ray.util.queue import Queue
 
         queue = Queue()
         task = ray.remote(remote_run).options(num_cpus=options.cpus_per_run, num_gpus=gpus,
                                               max_retries=options.max_retries)
-        threads = max(1, int(options.cpus_per_run))
+        grid = RayGrid(invocations, progress, on_event)
         refs: dict[Any, GridRun] = {}
-        grid: dict[tuple[int, str], GridRun] = {}
         for i, inv in enumerate(invocations):
             for seed, cls in inv.pending:
                 key = run_key(cls.name, seed)
                 ckpt = checkpoint_dir(inv, key)
                 ref = task.remote(worker_config(inv.cfg), cls.name, seed, inv.target, inv.config,
-                                  str(ckpt.resolve()) if ckpt else None, threads, queue, i)
-                refs[ref] = grid[(i, key)] = GridRun(i, key, inv.cfg.rounds)
-        slots = max(1, int(float(ray.cluster_resources().get("CPU", 1)) // options.cpus_per_run))
-        progress.echo(f"ray: {len(refs)} runs as tasks ({options.cpus_per_run:g} CPU, {gpus:g} GPU each) on "
-                      f"{ray.cluster_resources().get('CPU', 0):g} CPUs; estimated (from steps timed on the driver's CPU) "
-                      f"~{fmt_duration(estimate)} of compute, ~{fmt_duration(estimate / min(slots, max(1, len(refs))))} with "
-                      f"{min(slots, max(1, len(refs)))} in parallel")
-        grid_status = lambda: progress.echo(grid_line(grid.values(), progress))  # noqa: E731
-
-        def apply(events: list) -> None:
-            for invocation, pid, event, args in events:
-                inv, key = invocations[invocation], args[0]
-                run = grid[(invocation, key)]
-                if event in ("start_run", "resume_run"):
-                    run.state, run.pid = "running", pid
-                    if event == "resume_run" and args[3] >= 0:
-                        progress.echo(f"{key}: continuing after round {args[3]} (worker {pid})")
-                    grid_status()
-                for t in inv.trackers:  # the results folder first (durable), as in a local run
-                    getattr(t, event)(*args)
-                if event == "log_round":
-                    step, metrics = args[1], args[2]
-                    if step > run.last_step and step > 0:
-                        run.best = max(run.best, metrics.get("acc_mean", run.best))
-                        progress.round_done(key, step, run.rounds, metrics, run.best,
-                                            metrics.get("cum_round_time", 0.0))
-                    run.last_step = max(run.last_step, step)
-                run.ended = run.ended or event == "end_run"
-                if on_event is not None:
-                    on_event(run, event)
-
-        def drain() -> None:
-            while True:
-                size = queue.size()
-                if not size:
-                    return
-                apply(queue.get_nowait_batch(size))
+                                  str(ckpt.resolve()) if ckpt else None, max(1, int(options.cpus_per_run)), queue, i)
+                refs[ref] = grid.runs[(i, key)] = GridRun(i, key, inv.cfg.rounds)
+        cpus = float(ray.cluster_resources().get("CPU", 1))
+        parallel = max(1, min(len(refs), int(cpus // options.cpus_per_run)))
+        progress.echo(f"ray: {len(refs)} runs as tasks ({options.cpus_per_run:g} CPU, {gpus:g} GPU each) on {cpus:g} "
+                      f"CPUs; estimated ~{fmt_duration(estimate)} of compute (timed on the driver's CPU), "
+                      f"~{fmt_duration(estimate / parallel)} with {parallel} in parallel")
 
         pending = list(refs)
         while pending:
             done, pending = ray.wait(pending, num_returns=len(pending), timeout=0.2)
-            drain()
+            while size := queue.size():  # every event a finished task sent is queued before it returned
+                for event in queue.get_nowait_batch(size):
+                    grid.apply(*event)
             for ref in done:
-                run = refs[ref]
-                inv = invocations[run.invocation]
                 try:
                     summary, status = ray.get(ref)
                 except ray.exceptions.RayTaskError as err:  # raised by the run itself (e.g. a UserError)
@@ -269,16 +287,13 @@ def run_on_ray(cfgs: list[RunConfig], options: ExecutorOptions, *, show_progress
                     summary = {"error": f"Ray worker died ({type(err).__name__}) after "
                                         f"{options.max_retries + 1} attempt(s)"}
                     status = "FAILED"
-                if not run.ended:  # the worker died before it could close the run
-                    for t in inv.trackers:
-                        t.end_run(run.key, summary, [], "FAILED")
-                inv.record(run.key, summary, status)
-                run.state = "done"
-                progress.total_rounds -= run.rounds - max(run.last_step, 0)  # rounds that will not come
-                if status != "FINISHED":
-                    progress.echo(f"{run.key}: FAILED ({summary.get('error')})")
-                grid_status()
+                grid.finish(refs[ref], summary, status)
         return [inv.close(progress) for inv in invocations]
+    except BaseException:
+        for inv in invocations:
+            if len(inv.outcome.summaries) < len(inv.cfg.seeds) * len(inv.algo_classes):
+                inv.abort()
+        raise
     finally:
         for inv in invocations:
             inv.results.release()
@@ -297,13 +312,3 @@ def one_line_cause(err) -> str:
     if cause is not None:
         return f"{type(cause).__name__}: {cause}"
     return str(err).strip().splitlines()[-1]
-
-
-def grid_line(runs, progress: Progress) -> str:
-    runs = list(runs)
-    count = {state: sum(r.state == state for r in runs) for state in ("done", "running", "pending")}
-    elapsed = time.perf_counter() - progress.start
-    eta = elapsed / progress.done_rounds * (progress.total_rounds - progress.done_rounds) if progress.done_rounds else None
-    return (f"grid: {count['done']}/{len(runs)} done, {count['running']} running, {count['pending']} pending; "
-            f"rounds {progress.done_rounds}/{progress.total_rounds}; ETA "
-            + (fmt_duration(eta) if eta is not None else "?"))

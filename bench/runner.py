@@ -175,7 +175,8 @@ class Invocation:
         cfg = self.cfg
         return (f"bench: {', '.join(c.name for c in self.algo_classes)} on {self.dataset_name} "
                 f"({cfg.num_clients} clients, C={cfg.participation}, {cfg.rounds} rounds, E={cfg.local_epochs}, "
-                f"seeds {cfg.seeds}) on {self.config['device_resolved']}; results in {self.root}" + ("  [resumed]" if self.resuming else ""))
+                f"seeds {cfg.seeds}) on {self.config['device_resolved']}; results in {self.root}"
+                + ("  [resumed]" if self.resuming else ""))
 
     def record(self, key: str, summary: dict[str, Any], status: str) -> None:
         self.outcome.summaries[key] = summary
@@ -183,7 +184,7 @@ class Invocation:
             self.outcome.failed[key] = summary.get("error", status)
 
     def abort(self) -> None:
-        """A UserError raised inside a run: close the trackers (the caller reports the error)."""
+        """Interrupted (a UserError inside a run, Ctrl-C): close the trackers; the caller re-raises."""
         for t in self.trackers:
             t.end_invocation([self.root / "summary.csv"], "FAILED")
 
@@ -309,7 +310,7 @@ def run_here(inv: Invocation, show_progress: bool) -> InvocationResult:
                                           progress, inv.target, inv.config, dataset.name, resume=inv.resuming,
                                           checkpoint_dir=checkpoint_dir(inv, run_key(algo_cls.name, seed)))
             inv.record(run_key(algo_cls.name, seed), summary, status)
-    except UserError:
+    except BaseException:
         inv.abort()
         raise
     return inv.close(progress)
@@ -390,8 +391,9 @@ def execute_run(cfg: RunConfig, algo_cls, seed: int, data: DeviceData, splits: l
             for row in history:  # trackers that missed rounds the checkpoint holds get them (others skip them)
                 publish(trackers, key, row["step"], {k: v for k, v in row.items() if k != "step"})
         else:
-            history.append({"step": 0, **sim.initial_metrics()})
-            publish(trackers, key, 0, history[-1])
+            initial = sim.initial_metrics()
+            history.append({"step": 0, **initial})
+            publish(trackers, key, 0, initial)
         best = max(h.get("acc_mean", -math.inf) for h in history)
         for round_index in range(sim.rounds_done, cfg.rounds):
             metrics = sim.run_round(round_index)

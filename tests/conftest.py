@@ -5,7 +5,12 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: no spin-waiting on shared CPUs
 
-import pytest
+import sys  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 import torch
 
 from bench.config import RunConfig
@@ -90,3 +95,35 @@ def make_hand_simulation(algorithm: str, /, num_classes=10, num_clients=5, class
     if splits is None:
         splits = hand_splits(ds, num_clients, classes_per_client, per_class)
     return Simulation(RunConfig(**settings), resolve_algorithms([algorithm])[0], 0, data, splits, torch.device("cpu"))
+
+
+# ---- the CLI in-process, on a small dataset file ----------------------------------------------------------------
+
+def bench_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """The real CLI entry point, in-process (no 4 s of imports per call): (exit code, stdout, stderr)."""
+    from bench import cli
+
+    monkeypatch.setattr(sys, "argv", ["bench", *args])
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
+    monkeypatch.setattr(cli, "DEBUG", False)
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def small_arrays() -> dict[str, np.ndarray]:
+    """300 train / 100 test synthetic images: one or two batches per client and round."""
+    ds = synthetic_dataset(num_classes=10, train_size=300, test_size=100, seed=0)
+    return dict(x_train=ds.x_train, y_train=ds.y_train, x_test=ds.x_test, y_test=ds.y_test)
+
+
+@pytest.fixture(scope="session")
+def small_npz(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "small.npz"
+    np.savez(path, **small_arrays())
+    return path
+

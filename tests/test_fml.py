@@ -14,7 +14,7 @@ from bench.config import RunConfig
 from bench.errors import UserError
 from bench.runner import client_splits
 from bench.simulator import Simulation
-from tests.conftest import hand_dataset as dataset, hand_splits, make_hand_simulation
+from tests.conftest import hand_dataset as dataset, make_hand_simulation
 from models.cnn import CNN
 
 CPU = torch.device("cpu")

@@ -14,7 +14,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 ray = pytest.importorskip("ray")
@@ -23,9 +22,10 @@ from bench.config import RunConfig  # noqa: E402
 from bench.executors import ExecutorOptions, run_on_ray  # noqa: E402
 from bench.runner import run_invocations  # noqa: E402
 from bench.tracking import read_csv, read_json  # noqa: E402
-from data.sources import synthetic_dataset  # noqa: E402
-from test_resume import TIME_KEYS, bench_main  # noqa: E402
+from tests.conftest import bench_main  # noqa: E402
+from tests.test_paper import tiny  # noqa: E402,F401  (fixture)
 
+TIME_KEYS = ("round_time", "cum_round_time")
 ALGOS = ["standalone", "pfedlora"]
 RAY = ExecutorOptions(kind="ray", cpus_per_run=1)
 
@@ -38,17 +38,9 @@ def local_ray():
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def npz(tmp_path_factory) -> Path:
-    ds = synthetic_dataset(num_classes=10, train_size=300, test_size=100, seed=0)
-    path = tmp_path_factory.mktemp("data") / "small.npz"
-    np.savez(path, x_train=ds.x_train, y_train=ds.y_train, x_test=ds.x_test, y_test=ds.y_test)
-    return path
-
-
-def grid(npz: Path, out: Path, rounds: int = 2) -> list[RunConfig]:
+def grid(small_npz: Path, out: Path, rounds: int = 2) -> list[RunConfig]:
     """Two settings (participation 1.0 and 0.6) x two algorithms x two seeds: eight runs."""
-    return [RunConfig(algorithms=ALGOS, dataset=str(npz), num_clients=5, participation=c, rounds=rounds,
+    return [RunConfig(algorithms=ALGOS, dataset=str(small_npz), num_clients=5, participation=c, rounds=rounds,
                       batch_size=64, seeds=[0, 1], device="cpu", model_group="cnn5-homo", eval_batch_size=256,
                       output_dir=str(out), run_name=f"C{c}", algo={"pfedlora": {"rank": 4}})
             for c in (1.0, 0.6)]
@@ -79,10 +71,10 @@ def mlflow_runs(out: Path, uri: str | None = None) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def local_and_ray(npz, tmp_path_factory):
+def local_and_ray(small_npz, tmp_path_factory):
     local, on_ray = tmp_path_factory.mktemp("local"), tmp_path_factory.mktemp("ray")
-    run_invocations(grid(npz, local), show_progress=False)
-    outcomes = run_invocations(grid(npz, on_ray), show_progress=False, executor=RAY)
+    run_invocations(grid(small_npz, local), show_progress=False)
+    outcomes = run_invocations(grid(small_npz, on_ray), show_progress=False, executor=RAY)
     return local, on_ray, outcomes
 
 
@@ -142,8 +134,8 @@ def kill_once(key: str, step: int):
     return hook, killed
 
 
-def test_killed_worker_is_retried_from_its_checkpoint_with_identical_results(npz, tmp_path, capsys):
-    [cfg] = [dataclasses.replace(c, rounds=3, seeds=[0]) for c in grid(npz, tmp_path / "ray")[:1]]
+def test_killed_worker_is_retried_from_its_checkpoint_with_identical_results(small_npz, tmp_path, capsys):
+    [cfg] = [dataclasses.replace(c, rounds=3, seeds=[0]) for c in grid(small_npz, tmp_path / "ray")[:1]]
     hook, killed = kill_once("pfedlora-seed0", 2)  # the round-1 checkpoint is on disk by then
     [outcome] = run_on_ray([cfg], ExecutorOptions(kind="ray", max_retries=1), on_event=hook)
     assert killed and not outcome.failed and len(outcome.summaries) == 2
@@ -155,8 +147,8 @@ def test_killed_worker_is_retried_from_its_checkpoint_with_identical_results(npz
     assert killed_run == mlflow_runs(tmp_path / "local")["C1.0"]["children"]["pfedlora-seed0"]  # each step once
 
 
-def test_killed_worker_without_retries_fails_clearly_and_the_grid_completes(npz, tmp_path, capsys):
-    cfg = dataclasses.replace(grid(npz, tmp_path)[0], algorithms=["standalone"], seeds=[0, 1, 2], rounds=3)
+def test_killed_worker_without_retries_fails_clearly_and_the_grid_completes(small_npz, tmp_path, capsys):
+    cfg = dataclasses.replace(grid(small_npz, tmp_path)[0], algorithms=["standalone"], seeds=[0, 1, 2], rounds=3)
     hook, killed = kill_once("standalone-seed1", 1)
     [outcome] = run_on_ray([cfg], ExecutorOptions(kind="ray", max_retries=0), on_event=hook)
     assert killed and set(outcome.failed) == {"standalone-seed1"}
@@ -168,16 +160,16 @@ def test_killed_worker_without_retries_fails_clearly_and_the_grid_completes(npz,
     assert "standalone-seed1: FAILED (Ray worker died" in capsys.readouterr().err
 
 
-def test_resume_on_ray_keeps_finished_runs(npz, tmp_path, monkeypatch, capsys):
+def test_resume_on_ray_keeps_finished_runs(small_npz, tmp_path, monkeypatch, capsys):
     """`bench run --executor ray --resume` after a failed run: only that run executes again."""
-    args = ["run", "--algo", "standalone", "--algo", "pfedlora", "--dataset", str(npz), "--clients", "5",
+    args = ["run", "--algo", "standalone", "--algo", "pfedlora", "--dataset", str(small_npz), "--clients", "5",
             "--model-group", "cnn5-homo", "--rounds", "1", "--output-dir", str(tmp_path), "--run-name", "g",
             "--set", "pfedlora.rank=4", "--device", "cpu", "--executor", "ray"]
-    code, err = bench_main(monkeypatch, capsys, *args)
+    code, _, err = bench_main(monkeypatch, capsys, *args)
     assert code == 0, err
     assert "grid: 2/2 done, 0 running, 0 pending" in err
     (tmp_path / "g" / "runs" / "pfedlora-seed0" / "summary.json").unlink()  # as if it had been killed
-    code, err = bench_main(monkeypatch, capsys, *args, "--resume")
+    code, _, err = bench_main(monkeypatch, capsys, *args, "--resume")
     assert code == 0, err
     assert "standalone-seed0: already finished" in err and "grid: 1/1 done" in err
 
@@ -189,15 +181,15 @@ def test_resume_on_ray_keeps_finished_runs(npz, tmp_path, monkeypatch, capsys):
     (["--gpus-per-run", "0.5"], "--ray-address and --gpus-per-run need --executor ray"),
     (["--executor", "dask"], "Invalid value for '--executor'"),
 ])
-def test_bad_executor_options_are_one_line_errors(npz, tmp_path, monkeypatch, capsys, extra, message):
-    code, err = bench_main(monkeypatch, capsys, "run", "--algo", "standalone", "--dataset", str(npz),
+def test_bad_executor_options_are_one_line_errors(small_npz, tmp_path, monkeypatch, capsys, extra, message):
+    code, _, err = bench_main(monkeypatch, capsys, "run", "--algo", "standalone", "--dataset", str(small_npz),
                            "--clients", "5", "--rounds", "1", "--output-dir", str(tmp_path), "--quiet", *extra)
     assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_missing_ray_is_a_one_line_error(npz, tmp_path, monkeypatch, capsys):
+def test_missing_ray_is_a_one_line_error(small_npz, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(__import__("sys").modules, "ray", None)  # as if Ray were not installed
-    code, err = bench_main(monkeypatch, capsys, "run", "--algo", "standalone", "--dataset", str(npz),
+    code, _, err = bench_main(monkeypatch, capsys, "run", "--algo", "standalone", "--dataset", str(small_npz),
                            "--clients", "5", "--rounds", "1", "--output-dir", str(tmp_path), "--executor", "ray")
     assert code == 2 and "pip install 'mhpfl-bench[ray]'" in err, err
 
@@ -228,8 +220,8 @@ def mlflow_server(tmp_path):
         server.wait(timeout=30)
 
 
-def test_ray_grid_logs_to_a_tracking_server(npz, tmp_path, mlflow_server):
-    cfg = dataclasses.replace(grid(npz, tmp_path)[0], algorithms=["standalone"], rounds=1,
+def test_ray_grid_logs_to_a_tracking_server(small_npz, tmp_path, mlflow_server):
+    cfg = dataclasses.replace(grid(small_npz, tmp_path)[0], algorithms=["standalone"], rounds=1,
                               tracking_uri=mlflow_server)
     [outcome] = run_invocations([cfg], show_progress=False, executor=RAY)
     assert not outcome.failed and not outcome.mlflow_unsynced
@@ -239,3 +231,16 @@ def test_ray_grid_logs_to_a_tracking_server(npz, tmp_path, mlflow_server):
         folder = read_csv(tmp_path / "C1.0" / "runs" / key / "metrics.csv")
         assert child["acc_mean"] == [(int(r["step"]), float(r["acc_mean"])) for r in folder]  # every step once
     assert not (tmp_path / "mlflow.db").exists()  # nothing went to the default store
+
+
+def test_a_paper_recipe_runs_its_cells_as_ray_tasks_and_reuses_them(tiny, monkeypatch):
+    """`bench paper t1 --executor ray`: every cell of the grid is submitted at once; a second call reuses them."""
+    from reports import paper, plots
+
+    monkeypatch.setattr(plots, "FORMATS", ("png",))
+    tiny.executor = RAY
+    manifest = paper.run_recipe("t1", tiny)
+    assert manifest["counts"] == {"ran": 4, "reused": 0, "failed": 0}
+    assert len({c["wall_s"] for c in manifest["cells"]}) == 1  # one grid: the cells share its wall time
+    assert (tiny.out / "t1" / "t1_final_accuracy.csv").exists()
+    assert paper.run_recipe("t1", tiny)["counts"] == {"ran": 0, "reused": 4, "failed": 0}

@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,36 +21,21 @@ from algorithms.standalone import Standalone
 from bench import cli, registry
 from bench.config import load_config
 from bench.errors import UserError
-from data.sources import synthetic_dataset
+from tests.conftest import bench_main, small_arrays
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def bench_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """The real CLI entry point in-process: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["bench", *args])
-    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
-    monkeypatch.setattr(cli, "DEBUG", False)
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     """A small valid dataset and the broken ones of the bad-input table."""
     folder = tmp_path_factory.mktemp("data")
-    ds = synthetic_dataset(num_classes=10, train_size=300, test_size=100, seed=0)
-    arrays = dict(x_train=ds.x_train, y_train=ds.y_train, x_test=ds.x_test, y_test=ds.y_test)
+    arrays = small_arrays()
     np.savez(folder / "small.npz", **arrays)
     np.savez(folder / "no_y_test.npz", **{k: v for k, v in arrays.items() if k != "y_test"})
-    np.savez(folder / "float_images.npz", **{**arrays, "x_train": ds.x_train.astype(np.float32)})
-    np.savez(folder / "flat_images.npz", **{**arrays, "x_test": ds.x_test.reshape(len(ds.x_test), -1, 3)})
-    np.savez(folder / "negative_label.npz", **{**arrays, "y_train": np.where(np.arange(300) == 5, -1, ds.y_train)})
+    np.savez(folder / "float_images.npz", **{**arrays, "x_train": arrays["x_train"].astype(np.float32)})
+    np.savez(folder / "flat_images.npz", **{**arrays, "x_test": arrays["x_test"].reshape(100, -1, 3)})
+    np.savez(folder / "negative_label.npz", **{**arrays, "y_train": np.where(np.arange(300) == 5, -1, arrays["y_train"])})
     np.savez(folder / "label_beyond_classes.npz", **arrays, classes=np.array(["a", "b", "c"]))
     (folder / "empty").mkdir()
     (folder / "typo.toml").write_text('roundz = 3\n')

@@ -14,8 +14,8 @@ from PIL import Image
 
 from bench.cli import cli
 from reports import analysis, plots
-from reports.report import build_report, run_report
-from reports.results import group_runs, label_runs, load_folder, load_mlflow
+from reports.report import run_report
+from reports.results import group_runs, label_runs, load_folder
 from reports.synthetic import fresh_mlflow_store, tiny_npz, write_synthetic_results
 
 FIGURES = ("accuracy_vs_round", "accuracy_vs_flops", "accuracy_vs_bytes", "final_accuracy", "client_difference",
@@ -67,7 +67,7 @@ def test_every_output_written_and_listed_in_the_index(synthetic):
     for f in files[:-1]:
         assert f"]({f.name})" in index, f"{f.name} not in the index"
     for stem in FIGURES:
-        assert f"![" in index and f"({stem}.png)" in index
+        assert "![" in index and f"({stem}.png)" in index
     for f in plots_dir.iterdir():  # nothing written that the index does not list
         assert f in files, f
 

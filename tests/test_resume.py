@@ -25,6 +25,7 @@ from bench.registry import algorithms
 from bench.runner import client_splits
 from bench.simulator import Simulation
 from data.device_data import DeviceData
+from tests.conftest import bench_main
 from data.sources import synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -166,36 +167,11 @@ def test_kill_mid_write_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
 
 # ---- end to end -------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def small_npz(tmp_path_factory) -> Path:
-    ds, _ = small_data()
-    path = tmp_path_factory.mktemp("data") / "small.npz"
-    np.savez(path, x_train=ds.x_train, y_train=ds.y_train, x_test=ds.x_test, y_test=ds.y_test)
-    return path
-
-
 def run_args(npz: Path, out: Path, name: str, rounds: int, *extra: str) -> list[str]:
     return ["run", "--algo", "standalone", "--algo", "pfedlora", "--dataset", str(npz), "--clients", "5",
             "--model-group", "cnn5-homo", "--participation", "0.6", "--rounds", str(rounds), "--batch-size", "64",
             "--output-dir", str(out),
             "--run-name", name, "--set", "pfedlora.rank=4", "--set", "eval_batch_size=256", "--quiet", *extra]
-
-
-def bench_main(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    """The real CLI entry point, in-process (no 4 s of imports per call)."""
-    import warnings
-
-    from bench import cli
-
-    monkeypatch.setattr(sys, "argv", ["bench", *args])
-    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
-    monkeypatch.setattr(cli, "DEBUG", False)
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    return code, capsys.readouterr().err
 
 
 def rows(path: Path) -> list[dict[str, str]]:
@@ -267,9 +243,9 @@ def test_sigkill_at_an_arbitrary_round_then_resume_is_bit_identical(small_npz, t
     run_ids = {key: json.loads((killed / "runs" / key / "mlflow.json").read_text())["run_id"]
                for key in ("standalone-seed0", "pfedlora-seed0")}
 
-    code, err = bench_main(monkeypatch, capsys, "resume", str(killed), "--quiet")
+    code, _, err = bench_main(monkeypatch, capsys, "resume", str(killed), "--quiet")
     assert code == 0, err
-    code, err = bench_main(monkeypatch, capsys, *run_args(small_npz, out, "straight", rounds))
+    code, _, err = bench_main(monkeypatch, capsys, *run_args(small_npz, out, "straight", rounds))
     assert code == 0, err
 
     keys = ["standalone-seed0", "pfedlora-seed0"]
@@ -305,9 +281,9 @@ def test_resume_when_mlflow_is_ahead_of_the_checkpoint(small_npz, tmp_path, monk
     assert RunCheckpoint(run_dir / "checkpoint").load()[1]["step"] == 2
     run_id = json.loads((run_dir / "mlflow.json").read_text())["run_id"]
 
-    code, err = bench_main(monkeypatch, capsys, *run_args(small_npz, out, "crashed", 4, "--resume"))
+    code, _, err = bench_main(monkeypatch, capsys, *run_args(small_npz, out, "crashed", 4, "--resume"))
     assert code == 0, err
-    code, err = bench_main(monkeypatch, capsys, *run_args(small_npz, out, "straight", 4))
+    code, _, err = bench_main(monkeypatch, capsys, *run_args(small_npz, out, "straight", 4))
     assert code == 0, err
     keys = ["standalone-seed0", "pfedlora-seed0"]
     assert_same_results(out / "crashed", out / "straight", keys)
