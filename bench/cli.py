@@ -38,6 +38,7 @@ def cli(debug: bool) -> None:
 @click.option("--model-group", help="Model group; see `bench list`.")
 @click.option("--seed", "seeds", type=int, multiple=True, help="Seed (repeatable: one run per seed).")
 @click.option("--device", help="auto, cpu or cuda.")
+@click.option("--threads", type=int, help="torch CPU threads per run [default: torch's; on Ray: --cpus-per-run].")
 @click.option("--data-dir", envvar="BENCH_DATA_DIR", help="Dataset cache directory [env: BENCH_DATA_DIR].")
 @click.option("--output-dir", help="Results root (also holds the default MLflow store).")
 @click.option("--run-name", help="Results subfolder and MLflow parent run name.")

@@ -37,6 +37,8 @@ class RunConfig:
     augment: bool = True              # random crop (padding 4) and horizontal flip
     seeds: list[int] = field(default_factory=lambda: [0])
     device: str = "auto"              # auto, cpu, cuda
+    threads: int | None = None        # torch CPU threads per run (None: torch's default here, --cpus-per-run on
+                                      # Ray); CPU results are bit-identical only at equal thread counts
     output_dir: str = "results"
     run_name: str | None = None       # results subfolder and MLflow parent run name; None: timestamp
     eval_every: int = 1               # evaluate every k rounds (and always after the last)
@@ -66,7 +68,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 # Fields that do not change a run's numbers: a results folder may be resumed with other values for them.
-NOT_RESULTS = ("data_dir", "device", "output_dir", "run_name", "tracking_uri", "experiment", "offload_state",
+NOT_RESULTS = ("data_dir", "device", "threads", "output_dir", "run_name", "tracking_uri", "experiment", "offload_state",
                "checkpoint_every", "keep_checkpoints")
 TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
 
@@ -203,6 +205,8 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"seeds must be non-negative integers, got {cfg.seeds}")
     if len(set(cfg.seeds)) != len(cfg.seeds):
         raise UserError(f"seeds must be distinct, got {cfg.seeds}")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise UserError(f"threads must be a positive integer, got {cfg.threads}")
     if cfg.checkpoint_every < 0:
         raise UserError(f"checkpoint_every must be a non-negative integer (0 = no checkpoints), "
                         f"got {cfg.checkpoint_every}")

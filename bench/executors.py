@@ -155,7 +155,7 @@ def remote_run(cfg: RunConfig, algorithm: str, seed: int, target: float, config:
     from bench.registry import resolve_algorithms
     from bench.runner import execute_run, load_inputs, resolve_device
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(cfg.threads or threads)
     # A task without a GPU request must not wander onto a GPU that Ray did not give it.
     device = resolve_device("cpu" if cfg.device == "auto" and not ray.get_gpu_ids() else cfg.device)
     dataset, data, splits = load_inputs(cfg, device)  # all seeds' splits: the data may depend on the first seed

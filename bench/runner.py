@@ -295,6 +295,8 @@ def run_invocations(cfgs: list[RunConfig], *, show_progress: bool = True, use_ml
 def run_here(inv: Invocation, show_progress: bool) -> InvocationResult:
     """The local executor: the pending runs one after the other in this process."""
     cfg = inv.cfg
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     dataset, data, splits_by_seed = inv.inputs
     progress = Progress(cfg.rounds * len(inv.pending), enabled=show_progress)
     progress.echo(inv.header())

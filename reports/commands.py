@@ -87,13 +87,9 @@ def paper(recipe, scale, seeds, algorithms, out, data_dir, device, sets, threads
         if name not in recipes.RECIPES:
             raise UserError(f"unknown recipe {name!r}; valid: list, all, {', '.join(recipes.RECIPES)}")
     seed_list = parse_seeds(seeds)
-    if threads is not None:
-        if threads < 1:
-            raise UserError(f"--threads must be >= 1, got {threads}")
-        import torch
-
-        torch.set_num_threads(threads)
-    options = {k: v for k, v in {"data_dir": data_dir, "device": device}.items() if v}
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads must be >= 1, got {threads}")
+    options = {k: v for k, v in {"data_dir": data_dir, "device": device, "threads": threads}.items() if v}
     ctx = recipes.Context(out=out or Path("results") / f"paper-{scale}", scale=recipes.SCALES[scale],
                           seeds=tuple(seed_list) if seed_list else None,
                           algorithms=tuple(algorithms) if algorithms else None, options=options, sets=tuple(sets),

@@ -117,7 +117,7 @@ class Cell:
 
 
 # RunConfig fields that do not change a run's numbers (where things go, how they are tracked or counted).
-NOT_IDENTITY = ("output_dir", "run_name", "data_dir", "device", "tracking_uri", "experiment", "offload_state",
+NOT_IDENTITY = ("output_dir", "run_name", "data_dir", "device", "threads", "tracking_uri", "experiment", "offload_state",
                 "flop_cache", "eval_batch_size", "algorithms", "seeds", "algo", "dataset")
 
 

@@ -42,7 +42,8 @@ def grid(small_npz: Path, out: Path, rounds: int = 2) -> list[RunConfig]:
     """Two settings (participation 1.0 and 0.6) x two algorithms x two seeds: eight runs."""
     return [RunConfig(algorithms=ALGOS, dataset=str(small_npz), num_clients=5, participation=c, rounds=rounds,
                       batch_size=64, seeds=[0, 1], device="cpu", model_group="cnn5-homo", eval_batch_size=256,
-                      output_dir=str(out), run_name=f"C{c}", algo={"pfedlora": {"rank": 4}})
+                      output_dir=str(out), run_name=f"C{c}", algo={"pfedlora": {"rank": 4}},
+                      threads=1)  # as the Ray workers (1 CPU each): equal thread counts give bit-identical numbers
             for c in (1.0, 0.6)]
 
 
