@@ -103,7 +103,8 @@ def executor_options(command):
                      help="Ray: GPUs each run requests, fractions allowed [default: 1 if the cluster has GPUs "
                           "and --device is not cpu, else 0]."),
         click.option("--ray-address", envvar="RAY_ADDRESS",
-                     help="Ray: cluster to join, e.g. ray://head:10001 [env: RAY_ADDRESS; default: a local Ray]."),
+                     help="Ray: cluster to join, e.g. auto (on a node of a running cluster) or HEAD_IP:6379 "
+                          "[env: RAY_ADDRESS; default: a new local Ray instance]."),
         click.option("--max-retries", type=int, default=1, show_default=True,
                      help="Ray: retries of a run whose worker died (continuing from its checkpoint)."),
     ]

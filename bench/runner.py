@@ -295,6 +295,7 @@ def run_invocations(cfgs: list[RunConfig], *, show_progress: bool = True, use_ml
 def run_here(inv: Invocation, show_progress: bool) -> InvocationResult:
     """The local executor: the pending runs one after the other in this process."""
     cfg = inv.cfg
+    threads_before = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     dataset, data, splits_by_seed = inv.inputs
@@ -315,6 +316,8 @@ def run_here(inv: Invocation, show_progress: bool) -> InvocationResult:
     except BaseException:
         inv.abort()
         raise
+    finally:
+        torch.set_num_threads(threads_before)  # the option is per run, not for the rest of this process
     return inv.close(progress)
 
 

@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 ray = pytest.importorskip("ray")
 
@@ -74,7 +75,9 @@ def mlflow_runs(out: Path, uri: str | None = None) -> dict[str, dict]:
 @pytest.fixture(scope="module")
 def local_and_ray(small_npz, tmp_path_factory):
     local, on_ray = tmp_path_factory.mktemp("local"), tmp_path_factory.mktemp("ray")
+    threads = torch.get_num_threads()
     run_invocations(grid(small_npz, local), show_progress=False)
+    assert torch.get_num_threads() == threads  # `threads` is per run: it does not leak into this process
     outcomes = run_invocations(grid(small_npz, on_ray), show_progress=False, executor=RAY)
     return local, on_ray, outcomes
 
