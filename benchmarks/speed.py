@@ -54,7 +54,7 @@ from benchmarks.loops import FloorRun, ReferenceRun  # noqa: E402
 from data.device_data import DeviceData  # noqa: E402
 from data.sources import synthetic_dataset  # noqa: E402
 from models.adapters import LoRAAdapter  # noqa: E402
-from models.groups import MODEL_GROUPS, build_model, is_homogeneous  # noqa: E402
+from models.groups import build_model, is_homogeneous  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results"
@@ -248,14 +248,12 @@ def measure_algorithm(name: str, algo_cls, setting: Setting, plan: Plan, dataset
     flops, samples = [], []
     runners = {"ours": ours.run_round, "reference": ref.run_round, "floor": floor.run_round}
     order = ["ours", "reference", "floor"]
-    metrics: dict[str, float] = {}
     for rep in range(setting.reps):
         r = 1 + rep
         for which in order[rep % 3:] + order[: rep % 3]:  # rotate so no loop always runs first
             seconds, out = timed(lambda w=which: runners[w](r), device)
             times[which].append(seconds)
             if which == "ours":
-                metrics = out
                 flops.append(out["train_flops"])
         samples.append(floor.samples_per_round[-1])
 
