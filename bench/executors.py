@@ -231,6 +231,8 @@ def run_on_ray(cfgs: list[RunConfig], options: ExecutorOptions, *, show_progress
                use_mlflow: bool = True, resume: bool = False, on_event=None) -> list:
     """Every pending run of every setting as a Ray task; events applied here as they arrive.
     `on_event(grid_run, event)` is called after each event is applied (tests use it to kill a worker)."""
+    import torch
+
     from bench.runner import checkpoint_dir, estimate_seconds, open_invocation, run_key
 
     options.validate()
@@ -243,9 +245,12 @@ def run_on_ray(cfgs: list[RunConfig], options: ExecutorOptions, *, show_progress
         for cfg in cfgs:  # every setting is checked, and its folder taken, before anything runs
             inv = open_invocation(cfg, use_mlflow=use_mlflow, resume=resume, remote=True)
             invocations.append(inv)
-            if inv.pending:
+            if inv.pending:  # timed with the threads a worker will have
                 _, data, splits = inv.inputs
+                threads = torch.get_num_threads()
+                torch.set_num_threads(cfg.threads or max(1, int(options.cpus_per_run)))
                 estimate += sum(estimate_seconds(cfg, data, splits[inv.pending[0][0]], inv.device).values())
+                torch.set_num_threads(threads)
             inv.inputs = None  # the workers load their own data
         progress = Progress(sum(inv.cfg.rounds * len(inv.pending) for inv in invocations), enabled=show_progress)
         for inv in invocations:
