@@ -79,14 +79,10 @@ def resume(results_dir: str, tracking_uri: str | None, quiet: bool, **executor) 
     from bench.runner import run_invocation
 
     runner = make_executor(**executor)
-    from bench.tracking import read_json
+    from bench.tracking import read_json, results_config
 
     root = Path(results_dir)
-    stored = read_json(root / "config.json")
-    if not stored:
-        raise UserError(f"{root} is not a bench results folder (no config.json); give the folder that "
-                        "`bench run` printed, e.g. results/<run-name>")
-    cfg = from_results(stored)
+    cfg = from_results(results_config(root))
     cfg.output_dir, cfg.run_name = str(root.parent), root.name
     cfg.tracking_uri = tracking_uri or read_json(root / "mlflow.json").get("tracking_uri") or cfg.tracking_uri
     finish(run_invocation(cfg, show_progress=not quiet, resume=True, executor=runner))

@@ -98,6 +98,16 @@ def read_json(path: Path) -> dict[str, Any]:
         return {}
 
 
+def results_config(root: Path) -> dict[str, Any]:
+    """The config.json of a results folder a user named (`bench resume`, `bench sync`); a clear error if the
+    folder is not one."""
+    config = read_json(root / "config.json")
+    if not config:
+        raise UserError(f"{root} is not a bench results folder (no config.json); give the folder that "
+                        "`bench run` printed, e.g. results/<run-name>")
+    return config
+
+
 class ResultsFolder(Tracker):
     """<root>/config.json, summary.csv, runs/<algo>-seed<k>/{config.json, metrics.csv, clients.csv, summary.json}."""
 
@@ -574,10 +584,7 @@ def sync_results(root: Path, tracking_uri: str | None = None) -> dict[str, Any]:
     """Upload to MLflow whatever of a results folder it misses: runs, params, metric steps, summaries,
     artifacts, statuses. Idempotent: a step MLflow holds is not logged again."""
     root = Path(root)
-    config = read_json(root / "config.json")
-    if not config:
-        raise UserError(f"{root} is not a bench results folder (no config.json); give the folder that "
-                        "`bench run` printed, e.g. results/<run-name>")
+    config = results_config(root)
     results = ResultsFolder(root)
     results.acquire()
     try:
