@@ -97,6 +97,17 @@ def make_hand_simulation(algorithm: str, /, num_classes=10, num_clients=5, class
     return Simulation(RunConfig(**settings), resolve_algorithms([algorithm])[0], 0, data, splits, torch.device("cpu"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Single-threaded torch for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): on a shared
+    2-core machine contending OpenMP threads make small CPU kernels (SVD above all) many times slower.
+    The thread count is restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ---- the CLI in-process, on a small dataset file ----------------------------------------------------------------
 
 def bench_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:

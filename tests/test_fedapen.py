@@ -17,13 +17,7 @@ CPU = torch.device("cpu")
 CNN5_PARAMS = {10: 670_058, 100: 715_148}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Single-threaded torch for this module (contended 2-core machines slow threaded kernels a lot)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_sim(num_clients=5, rounds=2, classes=10, partition="label-skew", hp=None, train_size=600, **cfg_kw):

@@ -18,14 +18,7 @@ CPU = torch.device("cpu")
 CNN5_PARAMS = {10: 670_058, 100: 715_148}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Single-threaded torch for this module: on a shared 2-core machine MKL/OpenMP threads that contend for
-    cores make small CPU kernels (SVD above all) many times slower; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_sim(num_clients=5, rounds=3, participation=1.0, classes=10, partition="label-skew", hp=None, **cfg_kw):

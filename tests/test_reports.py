@@ -23,15 +23,7 @@ FIGURES = ("accuracy_vs_round", "accuracy_vs_flops", "accuracy_vs_bytes", "final
 TABLES = ("final_accuracy", "accuracy_metrics", "cost_to_target", "client_difference", "headline")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine run far faster on one thread."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
