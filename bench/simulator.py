@@ -78,6 +78,28 @@ class RunContext:
         return torch.optim.SGD(params, lr=self.cfg.lr if lr is None else lr, momentum=self.cfg.momentum,
                                weight_decay=self.cfg.weight_decay)
 
+    def optimizers_for(self, trainable: Sequence[nn.Module | Sequence[nn.Module]]
+                       ) -> tuple[list[list[nn.Parameter]], list[torch.optim.Optimizer]]:
+        """(parameter groups, optimizers): one group and one optimizer per entry of `trainable` (a module or a
+        list of modules), holding only the parameters with requires_grad."""
+        groups = [[entry] if isinstance(entry, nn.Module) else list(entry) for entry in trainable]
+        params = [[p for m in mods for p in m.parameters() if p.requires_grad] for mods in groups]
+        return params, [self.optimizer(ps) for ps in params if ps]
+
+    def step(self, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
+             y: torch.Tensor, params: list[list[nn.Parameter]], optimizers: list[torch.optim.Optimizer]
+             ) -> torch.Tensor:
+        """One optimisation step: forward, backward, per-group gradient clipping, SGD step. Returns the loss."""
+        loss = loss_fn(x, y)
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for group, opt in zip(params, optimizers):
+            if self.cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(group, self.cfg.grad_clip, foreach=True)
+            opt.step()
+        return loss
+
     # ---- training ---------------------------------------------------------------------------------
     def train(self, client: Client, trainable: Sequence[nn.Module | Sequence[nn.Module]],
               loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], epochs: int, phase: str,
@@ -86,10 +108,7 @@ class RunContext:
         so no host sync per batch). Each entry of `trainable` (a module or a list of modules) gets its own
         optimizer and its own gradient clipping; only parameters with requires_grad are trained.
         `phase` names the computation for the FLOP cache (include anything that changes it)."""
-        groups = [[entry] if isinstance(entry, nn.Module) else list(entry) for entry in trainable]
-        params = [[p for m in mods for p in m.parameters() if p.requires_grad] for mods in groups]
-        optimizers = [self.optimizer(ps) for ps in params if ps]
-        clip = self.cfg.grad_clip
+        params, optimizers = self.optimizers_for(trainable)
         idx = client.split.train if indices is None else indices
         loss_sum = torch.zeros((), device=self.device)
         seen = 0
@@ -97,14 +116,7 @@ class RunContext:
             for x, y in self.data.train_batches(idx, self.cfg.batch_size, self.generator):
                 key = (self.algo_name, phase, client.arch, len(y))
                 with self.accountant.count("train", key, client.id):
-                    loss = loss_fn(x, y)
-                    for opt in optimizers:
-                        opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    for group, opt in zip(params, optimizers):
-                        if clip > 0:
-                            nn.utils.clip_grad_norm_(group, clip, foreach=True)
-                        opt.step()
+                    loss = self.step(loss_fn, x, y, params, optimizers)
                 loss_sum += loss.detach() * len(y)
                 seen += len(y)
         self.last_train_loss = loss_sum / max(seen, 1)

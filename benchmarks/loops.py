@@ -123,9 +123,7 @@ class ReferenceContext(RunContext):
         return self.loaders[key]
 
     def train(self, client, trainable, loss_fn, epochs, phase, indices=None):
-        groups = [[entry] if isinstance(entry, nn.Module) else list(entry) for entry in trainable]
-        params = [[p for m in mods for p in m.parameters() if p.requires_grad] for mods in groups]
-        optimizers = [self.optimizer(ps) for ps in params if ps]
+        params, optimizers = self.optimizers_for(trainable)
         loader = self.loader(client, indices)
         total, seen = 0.0, 0
         for _ in range(epochs):
@@ -269,22 +267,12 @@ class FloorData:
 
 class FloorContext(RunContext):
     def train(self, client, trainable, loss_fn, epochs, phase, indices=None):
-        groups = [[entry] if isinstance(entry, nn.Module) else list(entry) for entry in trainable]
-        params = [[p for m in mods for p in m.parameters() if p.requires_grad] for mods in groups]
-        optimizers = [self.optimizer(ps) for ps in params if ps]
+        params, optimizers = self.optimizers_for(trainable)
         batches = self.data.batches(client.split.train if indices is None else indices, self.cfg.batch_size)
-        clip = self.cfg.grad_clip
         loss = None
         for _ in range(epochs):
             for x, y in batches:
-                loss = loss_fn(x, y)
-                for opt in optimizers:
-                    opt.zero_grad(set_to_none=True)
-                loss.backward()
-                for group, opt in zip(params, optimizers):
-                    if clip > 0:
-                        nn.utils.clip_grad_norm_(group, clip, foreach=True)
-                    opt.step()
+                loss = self.step(loss_fn, x, y, params, optimizers)
                 self.samples += len(y)
         self.last_train_loss = loss.detach() if loss is not None else torch.zeros(())
         return self.last_train_loss
