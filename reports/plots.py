@@ -282,16 +282,21 @@ def sweep_lines(df: pd.DataFrame, x: str, xlabel: str, title: str, log2: bool = 
         line = ax.errorbar(sub[x], 100 * sub[f"{value}_mean"], yerr=100 * std if std.any() else None,
                            label=display_name(m), marker="o", capsize=3, lw=1.8, **st)
         line.lines[0].set_gid(m)
-    if log2:
-        ax.set_xscale("log", base=2)
-    values = sorted(dict.fromkeys(df[x]))
-    ax.set_xticks(values, [f"{v:g}" for v in values])
-    ax.set_xlabel(xlabel)
+    sweep_x_axis(ax, df[x], xlabel, log2)
     ax.set_ylabel(ylabel)
     seeds = int(df["seeds"].max()) if len(df) else 1
     ax.set_title(f"{title} · {seeds_note(seeds)}")
     finish(fig, ax)
     return fig
+
+
+def sweep_x_axis(ax, x_values: pd.Series, xlabel: str, log2: bool) -> None:
+    """The swept setting on x: a tick at every value (log base 2 for ranks and the like)."""
+    if log2:
+        ax.set_xscale("log", base=2)
+    values = sorted(dict.fromkeys(x_values))
+    ax.set_xticks(values, [f"{v:g}" for v in values])
+    ax.set_xlabel(xlabel)
 
 
 def cost_per_round_lines(df: pd.DataFrame, x: str, xlabel: str, title: str, log2: bool = False) -> Figure:
@@ -305,11 +310,7 @@ def cost_per_round_lines(df: pd.DataFrame, x: str, xlabel: str, title: str, log2
             line, = ax.plot(sub[x], sub[col], marker="o", label=display_name(m), **style_of(m, methods))
             line.set_gid(f"{m}:{col}")
         log_axis(ax, "y", unit, df[col])
-        if log2:
-            ax.set_xscale("log", base=2)
-        values = sorted(dict.fromkeys(df[x]))
-        ax.set_xticks(values, [f"{v:g}" for v in values])
-        ax.set_xlabel(xlabel)
+        sweep_x_axis(ax, df[x], xlabel, log2)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend(frameon=False)
