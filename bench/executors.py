@@ -182,8 +182,8 @@ class GridRun:
 class RayGrid:
     """The driver's side of a grid: applies the workers' events to the trackers and keeps the progress."""
 
-    def __init__(self, invocations: list, progress: Progress, on_event=None):
-        self.invocations, self.progress, self.on_event = invocations, progress, on_event
+    def __init__(self, invocations: list, progress: Progress):
+        self.invocations, self.progress = invocations, progress
         self.runs: dict[tuple[int, str], GridRun] = {}
 
     def status_line(self) -> str:
@@ -211,8 +211,6 @@ class RayGrid:
                 self.progress.round_done(key, step, run.rounds, metrics, run.best, metrics.get("cum_round_time", 0.0))
             run.last_step = max(run.last_step, step)
         run.ended = run.ended or event == "end_run"
-        if self.on_event is not None:
-            self.on_event(run, event)
 
     def finish(self, run: GridRun, summary: dict[str, Any], status: str) -> None:
         inv = self.invocations[run.invocation]
@@ -228,9 +226,8 @@ class RayGrid:
 
 
 def run_on_ray(cfgs: list[RunConfig], options: ExecutorOptions, *, show_progress: bool = True,
-               use_mlflow: bool = True, resume: bool = False, on_event=None) -> list:
-    """Every pending run of every setting as a Ray task; events applied here as they arrive.
-    `on_event(grid_run, event)` is called after each event is applied (tests use it to kill a worker)."""
+               use_mlflow: bool = True, resume: bool = False) -> list:
+    """Every pending run of every setting as a Ray task; events applied here as they arrive."""
     import torch
 
     from bench.runner import checkpoint_dir, estimate_seconds, open_invocation, run_key
@@ -263,7 +260,7 @@ def run_on_ray(cfgs: list[RunConfig], options: ExecutorOptions, *, show_progress
         queue = Queue()
         task = ray.remote(remote_run).options(num_cpus=options.cpus_per_run, num_gpus=gpus,
                                               max_retries=options.max_retries)
-        grid = RayGrid(invocations, progress, on_event)
+        grid = RayGrid(invocations, progress)
         refs: dict[Any, GridRun] = {}
         for i, inv in enumerate(invocations):
             for seed, cls in inv.pending:

@@ -5,8 +5,6 @@ fails clearly while the rest of the grid completes."""
 from __future__ import annotations
 
 import dataclasses
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +21,7 @@ from bench.config import RunConfig  # noqa: E402
 from bench.executors import ExecutorOptions, run_on_ray  # noqa: E402
 from bench.runner import run_invocations  # noqa: E402
 from bench.tracking import read_csv, read_json  # noqa: E402
+from tests import ray_faults  # noqa: E402
 from tests.conftest import bench_main  # noqa: E402
 from tests.test_paper import tiny  # noqa: E402,F401  (fixture)
 
@@ -31,10 +30,19 @@ ALGOS = ["standalone", "pfedlora"]
 RAY = ExecutorOptions(kind="ray", cpus_per_run=1)
 
 
+@pytest.fixture(scope="module")
+def kill_dir(tmp_path_factory) -> Path:
+    """Where a test puts a kill marker (tests/ray_faults.py) to make a worker die at a chosen round."""
+    return tmp_path_factory.mktemp("kill")
+
+
 @pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    """One local Ray instance for the module (starting one takes seconds)."""
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20, logging_level="WARNING")
+def local_ray(kill_dir):
+    """One local Ray instance for the module (starting one takes seconds), its workers armed for faults."""
+    ray.cloudpickle.register_pickle_by_value(ray_faults)  # workers cannot import the tests package
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20, logging_level="WARNING",
+             runtime_env={"worker_process_setup_hook": ray_faults.install,
+                          "env_vars": {ray_faults.KILL_DIR: str(kill_dir)}})
     yield
     ray.shutdown()
 
@@ -127,23 +135,27 @@ def test_ray_mlflow_structure_equals_local(local_and_ray):
             assert child == expected[setting]["children"][name], (setting, name)
 
 
-def kill_once(key: str, step: int):
-    """An on_event hook that SIGKILLs the worker process running `key` when round `step` arrives."""
-    killed: list[int] = []
+@pytest.fixture
+def kill(kill_dir):
+    """kill(key, step): the worker running `key` dies right after forwarding round `step`, once."""
+    markers = []
 
-    def hook(run, event) -> None:
-        if not killed and run.key == key and event == "log_round" and run.last_step == step:
-            killed.append(run.pid)
-            os.kill(run.pid, signal.SIGKILL)
-    return hook, killed
+    def arm(key: str, step: int) -> None:
+        markers.append(ray_faults.kill_marker(kill_dir, key, step))
+        markers[-1].touch()
+    yield arm
+    fired = [not m.exists() for m in markers]
+    for m in markers:
+        m.unlink(missing_ok=True)  # an unfired marker must not kill a later test's worker
+    assert all(fired), "a kill marker was never reached"
 
 
-def test_killed_worker_is_retried_from_its_checkpoint_with_identical_results(small_npz, tmp_path, capsys):
+def test_killed_worker_is_retried_from_its_checkpoint_with_identical_results(small_npz, tmp_path, capsys, kill):
     [cfg] = [dataclasses.replace(c, rounds=3, seeds=[0]) for c in grid(small_npz, tmp_path / "ray")[:1]]
-    hook, killed = kill_once("pfedlora-seed0", 2)  # the round-1 checkpoint is on disk by then
-    [outcome] = run_on_ray([cfg], ExecutorOptions(kind="ray", max_retries=1), on_event=hook)
-    assert killed and not outcome.failed and len(outcome.summaries) == 2
-    assert "pfedlora-seed0: continuing after round" in capsys.readouterr().err
+    kill("pfedlora-seed0", 2)  # after round 2 reached the driver, before its checkpoint: round 1's is the last
+    [outcome] = run_on_ray([cfg], ExecutorOptions(kind="ray", max_retries=1))
+    assert not outcome.failed and len(outcome.summaries) == 2
+    assert "pfedlora-seed0: continuing after round 1" in capsys.readouterr().err
     reference = dataclasses.replace(cfg, algorithms=["pfedlora"], output_dir=str(tmp_path / "local"))
     run_invocations([reference], show_progress=False)
     assert rows(tmp_path / "ray" / "C1.0", "pfedlora-seed0") == rows(tmp_path / "local" / "C1.0", "pfedlora-seed0")
@@ -151,11 +163,11 @@ def test_killed_worker_is_retried_from_its_checkpoint_with_identical_results(sma
     assert killed_run == mlflow_runs(tmp_path / "local")["C1.0"]["children"]["pfedlora-seed0"]  # each step once
 
 
-def test_killed_worker_without_retries_fails_clearly_and_the_grid_completes(small_npz, tmp_path, capsys):
+def test_killed_worker_without_retries_fails_clearly_and_the_grid_completes(small_npz, tmp_path, capsys, kill):
     cfg = dataclasses.replace(grid(small_npz, tmp_path)[0], algorithms=["standalone"], seeds=[0, 1, 2], rounds=3)
-    hook, killed = kill_once("standalone-seed1", 1)
-    [outcome] = run_on_ray([cfg], ExecutorOptions(kind="ray", max_retries=0), on_event=hook)
-    assert killed and set(outcome.failed) == {"standalone-seed1"}
+    kill("standalone-seed1", 1)
+    [outcome] = run_on_ray([cfg], ExecutorOptions(kind="ray", max_retries=0))
+    assert set(outcome.failed) == {"standalone-seed1"}
     assert "worker died" in outcome.failed["standalone-seed1"]
     summary = {r["run"]: r["status"] for r in read_csv(tmp_path / "C1.0" / "summary.csv")}
     assert summary == {"standalone-seed0": "FINISHED", "standalone-seed1": "FAILED", "standalone-seed2": "FINISHED"}
