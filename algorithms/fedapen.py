@@ -81,7 +81,7 @@ class FedAPEN(Algorithm):
 
     @classmethod
     def estimated_cost(cls, hp, cfg) -> float:
-        return 1.6  # private and shared model per step, plus the lambda-learning forward passes
+        return 1.7  # private and shared model per step, plus the lambda-learning forward passes
 
     def __init__(self, ctx, hp):
         super().__init__(ctx, hp)

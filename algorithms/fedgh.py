@@ -70,7 +70,7 @@ class FedGH(Algorithm):
 
     @classmethod
     def estimated_cost(cls, hp, cfg) -> float:
-        return 1.0 + 0.35 / cfg.local_epochs  # local training plus one forward pass over the train data
+        return 1.0 + 0.22 / cfg.local_epochs  # local training plus one forward pass over the train data
 
     def __init__(self, ctx, hp):
         super().__init__(ctx, hp)

@@ -166,7 +166,7 @@ class FedKD(Algorithm):
 
     @classmethod
     def estimated_cost(cls, hp, cfg) -> float:
-        return 1.5  # mentor + small mentee + W per step, plus the SVDs
+        return 1.65  # mentor + small mentee + W per step, plus the SVDs
 
     def __init__(self, ctx, hp):
         super().__init__(ctx, hp)

@@ -51,7 +51,7 @@ class PFedLoRA(Algorithm):
         e_local, e_adapter = phase_epochs(hp, cfg.local_epochs)
         if hp.training == "joint":
             return 1.2 * e_local / cfg.local_epochs
-        return (e_local + 0.5 * e_adapter) / cfg.local_epochs  # phase 2 runs F_k forward only
+        return (e_local + 1.2 * e_adapter) / cfg.local_epochs  # phase 2 backpropagates through the frozen F_k too
 
     def __init__(self, ctx, hp):
         super().__init__(ctx, hp)

@@ -65,29 +65,54 @@ def client_splits(cfg: RunConfig, dataset, seed: int, device: torch.device) -> l
 
 
 def estimate_seconds(cfg: RunConfig, data: DeviceData, splits: list[ClientSplit], device: torch.device) -> dict[str, float]:
-    """Rough wall time per algorithm, from a timed training step of each architecture (before anything runs)."""
-    from models.groups import build_model, client_arch
+    """Rough wall time per algorithm, before anything runs: one training step (batch building, the run's
+    optimizer and clipping) and one evaluation batch of each architecture are timed, scaled by the samples a
+    run trains and evaluates (participating clients' train and test+val splits each round, every client's
+    once at the start) and by each algorithm's round cost relative to Standalone (`estimated_cost`)."""
+    from models.groups import client_arch
 
-    step_time: dict[str, float] = {}
-    x = data.normalise(data.x_train[: cfg.batch_size])
-    y = data.y_train[: cfg.batch_size]
-    for arch in {client_arch(cfg.model_group, i) for i in range(cfg.num_clients)}:
-        model = build_model(arch, data.num_classes, x.shape[1], x.shape[2]).to(device)
-        opt = torch.optim.SGD(model.parameters(), lr=0.0)
-        for rep in range(3):  # one warm-up, two timed
-            if rep == 1:
-                start = time.perf_counter()
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        step_time[arch] = (time.perf_counter() - start) / 2 * len(y) / len(x)
-    per_epoch = sum(math.ceil(len(s.train) / cfg.batch_size) * step_time[client_arch(cfg.model_group, i)]
-                    for i, s in enumerate(splits)) * cfg.participation
+    ctx = RunContext(cfg, data, device, cfg.seeds[0], "estimate", FlopAccountant(), splits)
+    train_idx = torch.arange(min(cfg.batch_size, len(data.y_train)), device=device)
+    eval_idx = torch.arange(min(cfg.eval_batch_size, len(data.y_test)), device=device)
+
+    def timed(fn) -> float:  # the median of three calls after a warm-up one: robust to a busy moment
+        fn()
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return sorted(times)[1]
+
+    train_per_sample, eval_per_sample = {}, {}
+    for arch in set(ctx.client_archs):
+        model = ctx.build_model(arch)
+        params, optimizers = ctx.optimizers_for([model])
+        loss_fn = lambda x, y, m=model: torch.nn.functional.cross_entropy(m(x), y)  # noqa: E731
+
+        def train_step(m=model, params=params, optimizers=optimizers, loss_fn=loss_fn):
+            m.train()
+            for x, y in data.train_batches(train_idx, cfg.batch_size, ctx.generator):
+                ctx.step(loss_fn, x, y, params, optimizers)
+
+        @torch.no_grad()
+        def eval_batch(m=model):
+            m.eval()
+            for x, _ in data.eval_batches("test", eval_idx, cfg.eval_batch_size):
+                m(x).argmax(1)
+        train_per_sample[arch] = timed(train_step) / len(train_idx)
+        eval_per_sample[arch] = timed(eval_batch) / len(eval_idx)
+    archs = [client_arch(cfg.model_group, i) for i in range(len(splits))]
+    train_epoch = sum(math.ceil(len(s.train) / cfg.batch_size) * cfg.batch_size * train_per_sample[a]
+                      for s, a in zip(splits, archs))
+    evaluation = sum((len(s.test) + len(s.val)) * eval_per_sample[a] for s, a in zip(splits, archs))
     out = {}
     for cls in resolve_algorithms(cfg.algorithms):
         cost = cls.estimated_cost(cls.make_hparams(cfg.algo.get(cls.name)), cfg)
-        out[cls.name] = per_epoch * cfg.local_epochs * cost * cfg.rounds * len(cfg.seeds)
+        per_round = cfg.participation * (train_epoch * cfg.local_epochs + evaluation) * cost
+        out[cls.name] = (per_round * cfg.rounds + evaluation) * len(cfg.seeds)
     return out
 
 
