@@ -218,8 +218,8 @@ def test_sigkill_at_an_arbitrary_round_then_resume_is_bit_identical(small_npz, t
     """A real `bench run` process is SIGKILLed while pfedlora (the second run) is past a random round;
     `bench resume` finishes it. Metrics, per-client results and summaries equal an uninterrupted run's
     (wall times aside), standalone (finished before the kill) is kept, MLflow continues the same runs."""
-    rounds = 4
-    kill_after = random.randint(1, rounds - 1)
+    rounds = 5
+    kill_after = random.randint(1, rounds - 2)  # at least one more round to go, so the kill lands mid-run
     print(f"killing pfedlora once round {kill_after} is in its metrics.csv")  # shown if the test fails
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "bench.cli", *run_args(small_npz, out, "killed", rounds)],
