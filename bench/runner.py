@@ -64,18 +64,35 @@ def client_splits(cfg: RunConfig, dataset, seed: int, device: torch.device) -> l
     return [ClientSplit(s.train.to(device), s.val.to(device), s.test.to(device)) for s in splits]
 
 
-def estimate_seconds(cfg: RunConfig, data: DeviceData, splits: list[ClientSplit], device: torch.device) -> dict[str, float]:
-    """Rough wall time per algorithm, before anything runs: one training step (batch building, the run's
-    optimizer and clipping) and one evaluation batch of each architecture are timed, scaled by the samples a
-    run trains and evaluates (participating clients' train and test+val splits each round, every client's
-    once at the start) and by each algorithm's round cost relative to Standalone (`estimated_cost`)."""
-    from models.groups import client_arch
+_SAMPLE_SECONDS: dict[tuple, tuple[float, float]] = {}  # timings reused by later estimates in this process
 
-    ctx = RunContext(cfg, data, device, cfg.seeds[0], "estimate", FlopAccountant(), splits)
+
+def sample_seconds(ctx: RunContext, arch: str) -> tuple[float, float]:
+    """(seconds per training sample, per evaluation sample) of `arch`: a training step (batch building, the
+    run's optimizer and clipping) and an evaluation batch (at most 256 samples), each the median of three
+    calls after a warm-up one, so a busy moment does not skew it."""
+    cfg, data, device = ctx.cfg, ctx.data, ctx.device
     train_idx = torch.arange(min(cfg.batch_size, len(data.y_train)), device=device)
-    eval_idx = torch.arange(min(cfg.eval_batch_size, len(data.y_test)), device=device)
+    eval_idx = torch.arange(min(cfg.eval_batch_size, 256, len(data.y_test)), device=device)
+    key = (arch, ctx.num_classes, tuple(data.x_train.shape[1:]), len(train_idx), len(eval_idx), str(device),
+           torch.get_num_threads())
+    if key in _SAMPLE_SECONDS:
+        return _SAMPLE_SECONDS[key]
+    model = ctx.build_model(arch)
+    params, optimizers = ctx.optimizers_for([model])
 
-    def timed(fn) -> float:  # the median of three calls after a warm-up one: robust to a busy moment
+    def train_step():
+        model.train()
+        for x, y in data.train_batches(train_idx, cfg.batch_size, ctx.generator):
+            ctx.step(lambda x, y: torch.nn.functional.cross_entropy(model(x), y), x, y, params, optimizers)
+
+    @torch.no_grad()
+    def eval_batch():
+        model.eval()
+        for x, _ in data.eval_batches("test", eval_idx, len(eval_idx)):
+            model(x).argmax(1)
+
+    def timed(fn) -> float:
         fn()
         times = []
         for _ in range(3):
@@ -85,29 +102,20 @@ def estimate_seconds(cfg: RunConfig, data: DeviceData, splits: list[ClientSplit]
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
         return sorted(times)[1]
+    _SAMPLE_SECONDS[key] = timed(train_step) / len(train_idx), timed(eval_batch) / len(eval_idx)
+    return _SAMPLE_SECONDS[key]
 
-    train_per_sample, eval_per_sample = {}, {}
-    for arch in set(ctx.client_archs):
-        model = ctx.build_model(arch)
-        params, optimizers = ctx.optimizers_for([model])
-        loss_fn = lambda x, y, m=model: torch.nn.functional.cross_entropy(m(x), y)  # noqa: E731
 
-        def train_step(m=model, params=params, optimizers=optimizers, loss_fn=loss_fn):
-            m.train()
-            for x, y in data.train_batches(train_idx, cfg.batch_size, ctx.generator):
-                ctx.step(loss_fn, x, y, params, optimizers)
-
-        @torch.no_grad()
-        def eval_batch(m=model):
-            m.eval()
-            for x, _ in data.eval_batches("test", eval_idx, cfg.eval_batch_size):
-                m(x).argmax(1)
-        train_per_sample[arch] = timed(train_step) / len(train_idx)
-        eval_per_sample[arch] = timed(eval_batch) / len(eval_idx)
-    archs = [client_arch(cfg.model_group, i) for i in range(len(splits))]
-    train_epoch = sum(math.ceil(len(s.train) / cfg.batch_size) * cfg.batch_size * train_per_sample[a]
-                      for s, a in zip(splits, archs))
-    evaluation = sum((len(s.test) + len(s.val)) * eval_per_sample[a] for s, a in zip(splits, archs))
+def estimate_seconds(cfg: RunConfig, data: DeviceData, splits: list[ClientSplit], device: torch.device) -> dict[str, float]:
+    """Rough wall time per algorithm, before anything runs: each architecture's timed cost per sample
+    (sample_seconds), scaled by the samples a run trains and evaluates (participating clients' train and
+    test+val splits each round, every client's once at the start) and by each algorithm's round cost
+    relative to Standalone (`estimated_cost`)."""
+    ctx = RunContext(cfg, data, device, cfg.seeds[0], "estimate", FlopAccountant(), splits)
+    cost_of = {arch: sample_seconds(ctx, arch) for arch in set(ctx.client_archs)}
+    train_epoch = sum(math.ceil(len(s.train) / cfg.batch_size) * cfg.batch_size * cost_of[arch][0]
+                      for s, arch in zip(splits, ctx.client_archs))
+    evaluation = sum((len(s.test) + len(s.val)) * cost_of[arch][1] for s, arch in zip(splits, ctx.client_archs))
     out = {}
     for cls in resolve_algorithms(cfg.algorithms):
         cost = cls.estimated_cost(cls.make_hparams(cfg.algo.get(cls.name)), cfg)
