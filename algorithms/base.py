@@ -29,6 +29,10 @@ class Algorithm:
     # True when predictions depend on server state (FedAvg's global model): then every client is
     # re-evaluated each round; otherwise only the clients whose state changed (the sampled ones).
     prediction_uses_server_state: ClassVar[bool] = False
+    # True when aggregate()'s FLOPs are determined by the names, shapes and dtypes of the uploads (averaging,
+    # FedGH's fixed passes over the uploaded pairs): they are then counted once per upload signature instead
+    # of every round. Leave False when they depend on values (FedKD's energy-chosen SVD ranks).
+    server_flops_by_upload_shapes: ClassVar[bool] = False
     # Attributes left out of checkpoints by the default state_dict (besides ctx and hp): caches that
     # init_server/__init__ rebuild identically, or objects the checkpoint format cannot hold.
     checkpoint_exclude: ClassVar[tuple[str, ...]] = ()

@@ -76,6 +76,7 @@ def mixture_loss(p: torch.Tensor, s: torch.Tensor, lam: torch.Tensor, y: torch.T
 @register
 class FedAPEN(Algorithm):
     name = "fedapen"
+    server_flops_by_upload_shapes = True
     description = "private + shared model by mutual learning, mixed with a learned per-client weight lambda"
     Hyperparams = FedAPENHyperparams
 

@@ -24,6 +24,7 @@ class FedAvgHyperparams:
 @register
 class FedAvg(Algorithm):
     name = "fedavg"
+    server_flops_by_upload_shapes = True
     description = "whole-model averaging; model-homogeneous groups only"
     Hyperparams = FedAvgHyperparams
     homogeneous_only = True

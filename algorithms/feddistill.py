@@ -80,6 +80,7 @@ def distillation_term(logits: torch.Tensor, y: torch.Tensor, targets: torch.Tens
 @register
 class FedDistill(Algorithm):
     name = "feddistill"
+    server_flops_by_upload_shapes = True
     description = "federated distillation: clients share per-class mean logits, distil towards the global ones"
     Hyperparams = FedDistillHyperparams
 

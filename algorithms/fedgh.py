@@ -65,6 +65,7 @@ def class_id_dtype(num_classes: int) -> torch.dtype:
 @register
 class FedGH(Algorithm):
     name = "fedgh"
+    server_flops_by_upload_shapes = True
     description = "global header trained on the server from the clients' per-class mean representations"
     Hyperparams = FedGHHyperparams
 

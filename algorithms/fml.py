@@ -58,6 +58,7 @@ def mutual_losses(p: torch.Tensor, m: torch.Tensor, y: torch.Tensor, alpha: floa
 @register
 class FML(Algorithm):
     name = "fml"
+    server_flops_by_upload_shapes = True
     description = "federated mutual learning: private model and a shared meme model distil into each other"
     Hyperparams = FMLHyperparams
 

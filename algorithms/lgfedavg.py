@@ -41,6 +41,7 @@ class LGFedAvgHyperparams:
 @register
 class LGFedAvg(Algorithm):
     name = "lgfedavg"
+    server_flops_by_upload_shapes = True
     description = "local representations, global header: only the classifier layer fc3 is averaged"
     Hyperparams = LGFedAvgHyperparams
 

@@ -40,6 +40,7 @@ class PFedLoRAHyperparams:
 @register
 class PFedLoRA(Algorithm):
     name = "pfedlora"
+    server_flops_by_upload_shapes = True
     description = "private model + federated low-rank adapter, trained alternately (the paper's method)"
     Hyperparams = PFedLoRAHyperparams
 

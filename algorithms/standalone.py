@@ -10,6 +10,7 @@ from bench.registry import register
 @register
 class Standalone(Algorithm):
     name = "standalone"
+    server_flops_by_upload_shapes = True
     description = "each client trains its own model alone; nothing is communicated"
 
     def init_client(self, client) -> None:

@@ -36,6 +36,13 @@ def transmit(payload: Mapping[str, torch.Tensor], device: torch.device) -> tuple
     return sent, payload_bytes(sent)
 
 
+def upload_signature(uploads: Mapping[int, Mapping[str, torch.Tensor]]) -> tuple:
+    """The names, shapes and dtypes of a round's uploads, in client order (not their ids): the FLOP-cache key
+    of an aggregate() whose counted FLOPs depend on nothing else (Algorithm.server_flops_by_upload_shapes)."""
+    return tuple(tuple((name, tuple(t.shape), str(t.dtype)) for name, t in payload.items())
+                 for payload in uploads.values())
+
+
 class FlopAccountant:
     """Counts FLOPs with torch's FlopCounterMode.
 

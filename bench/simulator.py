@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from algorithms.base import Algorithm, Payload
-from bench.accounting import FlopAccountant, transmit
+from bench.accounting import FlopAccountant, transmit, upload_signature
 from bench.checkpoint import Packer, rng_state, set_rng_state, unpack
 from bench.config import RunConfig
 from bench.state import ClientStore
@@ -292,7 +292,12 @@ class Simulation:
                 up_total += up
                 down_total += down
         check_finite(self.ctx.round_losses, round_index)
-        with self.accountant.count("server"):
+        # FlopCounterMode slows a loop of small steps several-fold (FedGH's header training: 13 -> 100 ms per
+        # round), so shape-determined server work is counted once per upload signature.
+        server_key = None
+        if self.algo.server_flops_by_upload_shapes:
+            server_key = (self.algo.name, "aggregate", upload_signature(uploads))
+        with self.accountant.count("server", server_key):
             self.algo.aggregate(uploads, round_index)
         for cid in sampled:  # optional post-aggregation broadcast to this round's clients
             late = self.algo.after_aggregation_payload(self.clients[cid], round_index)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -124,3 +125,29 @@ def test_transmit_copies_and_counts_at_the_dtype_sent():
     assert nbytes == payload_bytes(payload) == 40 + 24 + 8
     sent["a"] += 1
     assert payload["a"].sum() == 0  # the receiver cannot alias the sender's tensors
+
+
+@pytest.mark.parametrize("algorithm", ["fedgh", "fml"])
+def test_server_flops_cached_by_upload_signature_equal_counting_every_round(algorithm):
+    """Shape-determined server work (Algorithm.server_flops_by_upload_shapes) is counted once per upload
+    signature; per round it equals counting every round, with partial participation changing the uploaders."""
+    per_round = {}
+    for cache in (True, False):
+        sim = make_simulation(algorithm, flop_cache=cache, num_clients=5, participation=0.6, rounds=3)
+        per_round[cache] = [sim.run_round(r)["server_flops"] for r in range(3)]
+        if cache:
+            server_keys = [k for k in sim.accountant.cache_state() if k[0] == "server"]
+            assert server_keys and len(server_keys) < 3  # some round reused a counted signature
+    assert per_round[True] == per_round[False]
+    if algorithm == "fedgh":
+        assert all(f > 0 for f in per_round[True])  # the server header really trains
+
+
+def test_server_work_depending_on_values_is_counted_every_round():
+    from algorithms.fedkd import FedKD
+
+    assert not FedKD.server_flops_by_upload_shapes  # its SVD ranks depend on the values of the updates
+    sim = make_simulation("fedkd", rounds=2)
+    for r in range(2):
+        sim.run_round(r)
+    assert not [k for k in sim.accountant.cache_state() if k[0] == "server"]
