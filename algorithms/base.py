@@ -15,6 +15,13 @@ if TYPE_CHECKING:
 
 Payload = dict[str, torch.Tensor]
 
+# Reference profiles (config key `profile`): "spec" = SPEC.md's defaults, "official" = each method's own
+# released code, "htfllib" = HtFLlib's HEAD. An algorithm lists, per profile, the hyper-parameters that differ
+# from its SPEC defaults in `profiles`; the fidelity notes (algorithms/README.md) give the sources.
+PROFILES = ("spec", "official", "htfllib")
+# How averaging methods weight the uploads: "samples" = n_k (SPEC), "uniform" = plain mean (official codes).
+AGGREGATIONS = ("samples", "uniform")
+
 
 @dataclass
 class NoHyperparams:
@@ -29,6 +36,8 @@ class Algorithm:
     # True when predictions depend on server state (FedAvg's global model): then every client is
     # re-evaluated each round; otherwise only the clients whose state changed (the sampled ones).
     prediction_uses_server_state: ClassVar[bool] = False
+    # True when after_aggregation_payload goes to every client, not only the round's sampled ones.
+    broadcast_after_aggregation: ClassVar[bool] = False
     # True when aggregate()'s FLOPs are determined by the names, shapes and dtypes of the uploads (averaging,
     # FedGH's fixed passes over the uploaded pairs): they are then counted once per upload signature instead
     # of every round. Leave False when they depend on values (FedKD's energy-chosen SVD ranks).
@@ -36,6 +45,8 @@ class Algorithm:
     # Attributes left out of checkpoints by the default state_dict (besides ctx and hp): caches that
     # init_server/__init__ rebuild identically, or objects the checkpoint format cannot hold.
     checkpoint_exclude: ClassVar[tuple[str, ...]] = ()
+    # Hyper-parameter values per reference profile ("official", "htfllib"); "spec" is the dataclass defaults.
+    profiles: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(self, ctx: "RunContext", hp: Any):
         self.ctx = ctx
@@ -63,6 +74,12 @@ class Algorithm:
         if check is not None:
             check()
         return hp
+
+    @classmethod
+    def hparams_for(cls, cfg: Any) -> Any:
+        """The run's typed hyper-parameters: the profile's values, then the config's own overrides on top."""
+        profile = getattr(cfg, "profile", "spec")
+        return cls.make_hparams({**cls.profiles.get(profile, {}), **(cfg.algo.get(cls.name) or {})})
 
     @classmethod
     def estimated_cost(cls, hp: Any, cfg: Any) -> float:
@@ -144,6 +161,21 @@ def weighted_average(uploads: dict[int, Payload], weights: Mapping[int, float]) 
         stacked = torch.stack([uploads[i][name].float() for i in ids])
         out[name] = torch.tensordot(w, stacked, dims=1).to(tensor.dtype)
     return out
+
+
+def aggregation_weights(ctx: "RunContext", mode: str) -> dict[int, float]:
+    """Weights for weighted_average: n_k per client ("samples", SPEC) or 1 each ("uniform")."""
+    if mode == "samples":
+        return ctx.client_weights
+    if mode == "uniform":
+        return {cid: 1.0 for cid in ctx.client_weights}
+    raise ValueError(f"unknown aggregation {mode!r}; valid: {', '.join(AGGREGATIONS)}")
+
+
+def check_aggregation(algo_name: str, mode: str) -> None:
+    """The one-line error for a bad `aggregation` hyper-parameter."""
+    if mode not in AGGREGATIONS:
+        raise UserError(f"{algo_name}.aggregation must be one of {', '.join(AGGREGATIONS)}, got {mode!r}")
 
 
 def state_payload(module: torch.nn.Module, prefix: str = "") -> Payload:

@@ -36,6 +36,7 @@ def cli(debug: bool) -> None:
 @click.option("--partition", help="label-skew, dirichlet or iid.")
 @click.option("--classes-per-client", type=int, help="Classes per client for label-skew.")
 @click.option("--model-group", help="Model group; see `bench list`.")
+@click.option("--profile", help="Reference profile of the algorithms' options: spec, official or htfllib.")
 @click.option("--seed", "seeds", type=int, multiple=True, help="Seed (repeatable: one run per seed).")
 @click.option("--device", help="auto, cpu or cuda.")
 @click.option("--threads", type=int, help="torch CPU threads per run [default: torch's; on Ray: --cpus-per-run].")

@@ -54,6 +54,8 @@ class RunConfig:
     checkpoint_every: int = 1         # save the run's complete state every k rounds (0: never), for --resume
     keep_checkpoints: bool = False    # keep a finished run's last checkpoint (default: deleted when it finishes)
     experiment: str = "mhpfl-bench"
+    profile: str = "spec"             # reference profile of every algorithm's options: spec (SPEC.md), official (the
+                                      # authors' released code), htfllib (HtFLlib); algorithms/README.md has the tables
     # Per-algorithm hyper-parameters, e.g. {"pfedlora": {"rank": 32}}; TOML tables / --set pfedlora.rank=32.
     algo: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -215,5 +217,9 @@ def validate(cfg: RunConfig) -> None:
     cfg.algorithms = [cls.name for cls in resolve_algorithms(cfg.algorithms)]
     if len(set(cfg.algorithms)) != len(cfg.algorithms):
         raise UserError(f"each algorithm may be given once, got {cfg.algorithms}")
-    for name, overrides in cfg.algo.items():
-        resolve_algorithms([name])[0].make_hparams(overrides)
+    from algorithms.base import PROFILES
+
+    if cfg.profile not in PROFILES:
+        raise UserError(f"unknown profile {cfg.profile!r}; valid: {', '.join(PROFILES)}")
+    for name in dict.fromkeys([*cfg.algorithms, *cfg.algo]):
+        resolve_algorithms([name])[0].hparams_for(cfg)

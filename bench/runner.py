@@ -118,7 +118,7 @@ def estimate_seconds(cfg: RunConfig, data: DeviceData, splits: list[ClientSplit]
     evaluation = sum((len(s.test) + len(s.val)) * cost_of[arch][1] for s, arch in zip(splits, ctx.client_archs))
     out = {}
     for cls in resolve_algorithms(cfg.algorithms):
-        cost = cls.estimated_cost(cls.make_hparams(cfg.algo.get(cls.name)), cfg)
+        cost = cls.estimated_cost(cls.hparams_for(cfg), cfg)
         per_round = cfg.participation * (train_epoch * cfg.local_epochs + evaluation) * cost
         out[cls.name] = (per_round * cfg.rounds + evaluation) * len(cfg.seeds)
     return out
@@ -135,7 +135,7 @@ def check_algorithms(cfg: RunConfig, algo_classes: list, data: DeviceData, split
             raise UserError(f"{cls.name} needs a model-homogeneous group, got {cfg.model_group!r}; "
                             f"valid: {', '.join(g for g in MODEL_GROUPS if is_homogeneous(g))}")
         ctx = RunContext(cfg, data, device, cfg.seeds[0], cls.name, FlopAccountant(), splits)
-        cls(ctx, cls.make_hparams(cfg.algo.get(cls.name)))
+        cls(ctx, cls.hparams_for(cfg))
 
 
 NEEDS_RUN_NAME = "--resume needs --run-name NAME (the run to continue), or use `bench resume RESULTS_DIR`"
@@ -380,7 +380,7 @@ def execute_run(cfg: RunConfig, algo_cls, seed: int, data: DeviceData, splits: l
     round it appears) marks it FAILED instead of propagating. With a `checkpoint_dir` the run checkpoints
     every cfg.checkpoint_every rounds; `resume=True` continues from that checkpoint."""
     key = run_key(algo_cls.name, seed)
-    hparams = algo_cls.make_hparams(cfg.algo.get(algo_cls.name))
+    hparams = algo_cls.hparams_for(cfg)
     params = {**config, "algorithm": algo_cls.name, "seed": seed, "hparams": vars(hparams)}
     tags = {"algorithm": algo_cls.name, "dataset": dataset_name, "seed": str(seed),
             "setting": f"N={cfg.num_clients},C={cfg.participation}", "model_group": cfg.model_group}

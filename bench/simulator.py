@@ -5,6 +5,7 @@ evaluate -> metrics -> trackers. Bytes are measured here on the payloads; FLOPs 
 around the training steps, evaluation and aggregation."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -64,6 +65,8 @@ class RunContext:
         self.last_train_loss = torch.full((), float("nan"), device=device)  # mean loss of the latest ctx.train call
         self.client_losses: dict[int, torch.Tensor] = {}  # batched rounds: each client's final-phase loss
         self.round_losses: list[tuple[int, str, torch.Tensor]] = []  # (client, phase, mean loss) this round
+        # The modules a client's prediction may use: its personal state's and the server's (set by Simulation).
+        self.prediction_modules: Callable[[Client], list[nn.Module]] = lambda client: modules_in(client.state)
 
     # ---- models and optimisers ------------------------------------------------------------------
     def build_model(self, arch: str) -> SplitModel:
@@ -176,21 +179,56 @@ class RunContext:
     @torch.no_grad()
     def evaluate(self, client: Client, predict: Callable[[torch.Tensor], torch.Tensor], split: str = "test",
                  tag: str = "eval") -> tuple[torch.Tensor, int, torch.Tensor]:
-        """(correct, count, summed CE loss) of `predict` on one of the client's splits; eval FLOPs counted."""
+        """(correct, count, summed CE loss) of `predict` on one of the client's splits; eval FLOPs counted.
+        Every module the prediction may use is in eval mode meanwhile (BatchNorm uses and keeps its running
+        statistics, dropout is off), whatever `predict` does; the training flags are restored after."""
         idx = getattr(client.split, split)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         loss = torch.zeros((), device=self.device)
-        for x, y in self.data.eval_batches(split, idx, self.cfg.eval_batch_size):
-            with self.accountant.count("eval", (self.algo_name, tag, client.arch, len(y))):
-                logits = predict(x)
-            correct += (logits.argmax(1) == y).sum()
-            loss += nn.functional.cross_entropy(logits, y, reduction="sum")
+        with eval_mode(self.prediction_modules(client)):
+            for x, y in self.data.eval_batches(split, idx, self.cfg.eval_batch_size):
+                with self.accountant.count("eval", (self.algo_name, tag, client.arch, len(y))):
+                    logits = predict(x)
+                correct += (logits.argmax(1) == y).sum()
+                loss += nn.functional.cross_entropy(logits, y, reduction="sum")
         return correct, len(idx), loss
 
     def record(self, name: str, value: torch.Tensor | float, weight: float = 1.0) -> None:
         """An extra per-round metric from inside a hook (e.g. pFedLoRA's accuracy after phase 1);
         the round figure is the weighted mean over the clients that recorded it."""
         self.round_metrics.setdefault(name, []).append((torch.as_tensor(value, dtype=torch.float32), weight))
+
+
+def modules_in(*containers: Any) -> list[nn.Module]:
+    """The nn.Modules held (directly or in lists/dicts) by the given dicts or objects' attributes."""
+    found: list[nn.Module] = []
+
+    def visit(value: Any) -> None:
+        if isinstance(value, nn.Module):
+            found.append(value)
+        elif isinstance(value, dict):
+            for v in value.values():
+                visit(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                visit(v)
+
+    for container in containers:
+        visit(container if isinstance(container, (dict, list, tuple)) else vars(container))
+    return found
+
+
+@contextlib.contextmanager
+def eval_mode(modules: Iterable[nn.Module]):
+    """Put every submodule of `modules` in eval mode; restore each one's own training flag on exit."""
+    flags = [(m, m.training) for module in modules for m in module.modules()]
+    try:
+        for m, _ in flags:
+            m.training = False
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
 
 
 def _ce_loss(model: nn.Module, partner: nn.Module | None):
@@ -234,7 +272,8 @@ class Simulation:
                             f"valid: {', '.join(g for g in MODEL_GROUPS if is_homogeneous(g))}")
         torch.manual_seed(seed)  # model initialisation
         self.ctx = RunContext(cfg, data, device, seed, algo_cls.name, self.accountant, splits)
-        self.algo = algo_cls(self.ctx, algo_cls.make_hparams(cfg.algo.get(algo_cls.name)))
+        self.algo = algo_cls(self.ctx, algo_cls.hparams_for(cfg))
+        self.ctx.prediction_modules = lambda client: modules_in(client.state, self.algo)
         self.store = ClientStore(device, offload=cfg.offload_state)
         self.clients = [Client(i, self.ctx.client_archs[i], split) for i, split in enumerate(splits)]
         for client in self.clients:
@@ -299,13 +338,21 @@ class Simulation:
             server_key = (self.algo.name, "aggregate", upload_signature(uploads))
         with self.accountant.count("server", server_key):
             self.algo.aggregate(uploads, round_index)
-        for cid in sampled:  # optional post-aggregation broadcast to this round's clients
-            late = self.algo.after_aggregation_payload(self.clients[cid], round_index)
+        # Optional post-aggregation download: to this round's clients, or to every client when the algorithm
+        # broadcasts (LG-FedAvg's eval_header="global"); the others are checked out for it and back in after.
+        recipients = range(self.cfg.num_clients) if self.algo.broadcast_after_aggregation else sampled
+        for cid in recipients:
+            client = self.clients[cid]
+            if cid not in sampled:
+                client.state = self.store.checkout(cid)
+            late = self.algo.after_aggregation_payload(client, round_index)
             if late is not None:
                 payload, down = transmit(late, self.device)
-                self.algo.receive_after_aggregation(self.clients[cid], payload, round_index)
+                self.algo.receive_after_aggregation(client, payload, round_index)
                 self.bytes_down[cid] += down
                 down_total += down
+            if cid not in sampled and not self.algo.prediction_uses_server_state:
+                self.store.checkin(cid)
         metrics: dict[str, float] = {
             "clients_sampled": len(sampled),
             "bytes_up": up_total, "bytes_down": down_total,
@@ -317,10 +364,11 @@ class Simulation:
             w = torch.tensor([wt for _, wt in values])
             metrics[name] = float((torch.stack([v for v, _ in values]).cpu() * w).sum() / w.sum())
         is_last = round_index + 1 == self.cfg.rounds
+        evaluated_all = self.algo.prediction_uses_server_state
         if (round_index + 1) % self.cfg.eval_every == 0 or is_last:
-            changed = range(self.cfg.num_clients) if self.algo.prediction_uses_server_state else sampled
+            changed = range(self.cfg.num_clients) if evaluated_all else sampled
             metrics.update(self.evaluate(changed))
-        for cid in sampled:
+        for cid in (range(self.cfg.num_clients) if evaluated_all else sampled):
             self.store.checkin(cid)
         flops_after = self.accountant.snapshot()
         for kind in flops_after:

@@ -131,7 +131,7 @@ def cell_identity(c: "Cell", sets: tuple[str, ...]) -> dict[str, Any]:
         options[c.algorithm] = dict(c.hparams)
     cfg = load_config(None, "quick", list(sets), options)
     cls = resolve_algorithms([c.algorithm])[0]
-    hparams = vars(cls.make_hparams(cfg.algo.get(cls.name)))
+    hparams = vars(cls.hparams_for(cfg))
     defaults = vars(cls.make_hparams(None))
     return {"dataset": c.dataset, "subset": c.subset, "algorithm": cls.name, "seed": c.seed, "hparams": hparams,
             "non_default_hparams": {k: v for k, v in hparams.items() if defaults.get(k) != v},
