@@ -33,8 +33,9 @@ def cli(debug: bool) -> None:
 @click.option("--rounds", type=int, help="Communication rounds.")
 @click.option("--local-epochs", type=int, help="Local epochs E.")
 @click.option("--batch-size", type=int, help="Training batch size.")
-@click.option("--partition", help="label-skew, dirichlet or iid.")
-@click.option("--classes-per-client", type=int, help="Classes per client for label-skew.")
+@click.option("--partition", help="label-skew, dirichlet, iid, or file:PATH.json (a given partition).")
+@click.option("--classes-per-client", type=int,
+              help="Classes per client for label-skew [default: 2; 10 on more than 10 classes].")
 @click.option("--model-group", help="Model group; see `bench list`.")
 @click.option("--profile", help="Reference profile of the algorithms' options: spec, official or htfllib.")
 @click.option("--seed", "seeds", type=int, multiple=True, help="Seed (repeatable: one run per seed).")
@@ -99,6 +100,58 @@ def sync(results_dir: str, tracking_uri: str | None) -> None:
     done = sync_results(Path(results_dir), tracking_uri)
     click.echo(f"synced {done['runs']} run(s) of {results_dir} to {done['tracking_uri']}: "
                f"{done['metric_values']} metric value(s) uploaded; invocation {done['status']}")
+
+
+@cli.group()
+def partition() -> None:
+    """Client partitions: export one for `--partition file:PATH.json` or for PFLlib / HtFLlib."""
+
+
+@partition.command(name="export")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML config file (of a run).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override any config key, e.g. val_fraction=0.1.")
+@click.option("--dataset", help="cifar10, cifar100, synthetic[:K] or PATH.npz.")
+@click.option("--clients", "num_clients", type=int, help="Number of clients N.")
+@click.option("--seed", type=int,
+              help="Export the partition of `bench run --seed SEED` [default: the config's first seed].")
+@click.option("--partition", help="label-skew, dirichlet, iid, or file:PATH.json (to convert it).")
+@click.option("--classes-per-client", type=int,
+              help="Classes per client for label-skew [default: 2; 10 on more than 10 classes].")
+@click.option("--data-dir", envvar="BENCH_DATA_DIR", help="Dataset cache directory [env: BENCH_DATA_DIR].")
+@click.option("--format", "fmt", type=click.Choice(["json", "pfllib"]), default="json", show_default=True,
+              help="json: our client index lists (+ sha256); pfllib: PFLlib/HtFLlib train/<id>.npz, test/<id>.npz.")
+@click.option("--out", required=True, type=click.Path(), help="File (json) or new folder (pfllib) to write.")
+def export(config_file, sets, seed, fmt, out, **options) -> None:
+    """Write the partition a run with these settings uses (data/portable.py describes both formats)."""
+    import torch
+
+    from bench.config import load_config, resolve_dataset_defaults
+    from bench.runner import client_splits
+    from data import portable
+    from data.sources import load_dataset
+
+    cfg = load_config(config_file, "quick", list(sets), options)
+    seed = cfg.seeds[0] if seed is None else seed
+    if seed < 0:
+        raise UserError(f"--seed must be a non-negative integer, got {seed}")
+    if fmt == "pfllib":
+        portable.check_pfllib_out(Path(out))
+    elif Path(out).is_dir():
+        raise UserError(f"--out {out} is a folder; the json format writes a file, "
+                        f"e.g. --out {Path(out) / 'partition.json'}")
+    dataset = load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None, seed=seed)
+    cfg = resolve_dataset_defaults(cfg, dataset.num_classes)
+    splits = client_splits(cfg, dataset, seed, torch.device("cpu"))
+    settings = {"dataset": cfg.dataset, "num_clients": cfg.num_clients, "partition": cfg.partition,
+                "classes_per_client": cfg.classes_per_client, "dirichlet_alpha": cfg.dirichlet_alpha,
+                "val_fraction": cfg.val_fraction, "seed": seed}
+    if fmt == "json":
+        digest = portable.write_json(Path(out), splits, dataset, settings)
+    else:
+        digest = portable.write_pfllib(Path(out), splits, dataset, settings, cfg.batch_size)
+    click.echo(f"wrote the {fmt} partition of {dataset.name} ({cfg.num_clients} clients, {cfg.partition}, seed {seed}) "
+               f"to {out}; sha256 {digest}")
 
 
 @cli.command(name="list")

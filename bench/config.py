@@ -29,8 +29,8 @@ class RunConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-3
     grad_clip: float = 50.0           # max gradient norm; 0 disables clipping
-    partition: str = "label-skew"     # label-skew (the paper's), dirichlet, iid
-    classes_per_client: int = 2
+    partition: str = "label-skew"     # label-skew (the paper's), dirichlet, iid, or file:PATH.json (a given partition)
+    classes_per_client: int | None = None  # label-skew; None: dataset-aware, 2 (<= 10 classes) or 10 (more; SPEC)
     dirichlet_alpha: float = 0.5
     val_fraction: float = 0.2         # share of the official train set held out for validation (10k of 50k)
     model_group: str = "cnn-hetero"
@@ -43,7 +43,7 @@ class RunConfig:
     run_name: str | None = None       # results subfolder and MLflow parent run name; None: timestamp
     eval_every: int = 1               # evaluate every k rounds (and always after the last)
     eval_batch_size: int = 1024
-    target_accuracy: float | None = None  # None: 0.9 for CIFAR-10-like, 0.5 for CIFAR-100-like data
+    target_accuracy: float | None = None  # rounds-to-target; None: dataset-aware (default_target_accuracy)
     offload_state: bool = False       # keep client states in host memory between rounds (large N on GPU)
     flop_cache: bool = True           # count each distinct step once (False: count every step)
     batched_training: bool = False    # train same-architecture clients together (bench/batched.py) where the
@@ -157,9 +157,46 @@ def load_config(config_file: str | Path | None = None, preset: str = "quick",
     return cfg
 
 
+# ---- dataset-aware defaults (SPEC sections 1 and 3), resolved once the dataset is loaded ----
+DATASET_AWARE = ("classes_per_client", "target_accuracy")
+# Rounds-to-target on CIFAR-100-like data (> 10 classes), by N: the authors' pFedES protocol. Another N takes
+# the target of the nearest of these N, ties going to the smaller N (N <= 30: 0.7, 31..75: 0.6, > 75: 0.5).
+MANY_CLASS_TARGETS = {10: 0.7, 50: 0.6, 100: 0.5}
+
+
+def default_classes_per_client(num_classes: int) -> int:
+    """SPEC: 2 classes per client on CIFAR-10 (<= 10 classes), 10 on CIFAR-100 (more)."""
+    return 2 if num_classes <= 10 else 10
+
+
+def default_target_accuracy(num_classes: int, num_clients: int) -> float:
+    """SPEC: 0.9 on CIFAR-10 (<= 10 classes); on more classes 0.7 / 0.6 / 0.5 at N = 10 / 50 / 100 (nearest N)."""
+    if num_classes <= 10:
+        return 0.9
+    nearest = min(MANY_CLASS_TARGETS, key=lambda n: (abs(n - num_clients), n))
+    return MANY_CLASS_TARGETS[nearest]
+
+
+def resolve_dataset_defaults(cfg: RunConfig, num_classes: int) -> RunConfig:
+    """A copy of `cfg` with the dataset-aware defaults (None) filled in for a dataset of `num_classes`; explicit
+    values are kept. The resolved values are what a results folder records."""
+    cpc, target = cfg.classes_per_client, cfg.target_accuracy
+    return dataclasses.replace(
+        cfg, classes_per_client=default_classes_per_client(num_classes) if cpc is None else cpc,
+        target_accuracy=default_target_accuracy(num_classes, cfg.num_clients) if target is None else target)
+
+
 def config_differences(stored: dict[str, Any], cfg: RunConfig) -> list[str]:
-    """The result-changing fields in which `cfg` differs from a results folder's config.json."""
+    """The result-changing fields in which `cfg` (resolved) differs from a results folder's config.json.
+    A stored None for a dataset-aware field (a folder written before they were resolved) stands for its
+    default: the target the folder used (target_acc), else the same default as here."""
     current = json.loads(json.dumps(cfg.to_dict(), default=str))
+    stored = dict(stored)
+    if stored.get("target_accuracy") is None and stored.get("target_acc") is not None:
+        stored["target_accuracy"] = stored["target_acc"]
+    for key in DATASET_AWARE:
+        if key in stored and stored[key] is None:
+            stored[key] = current[key]
     return [f"{key}: {stored.get(key)!r} there, {current[key]!r} here" for key in FIELDS
             if key not in NOT_RESULTS and key in stored and stored[key] != current[key]]
 
@@ -169,6 +206,8 @@ def from_results(stored: dict[str, Any]) -> RunConfig:
     cfg = RunConfig()
     apply_overrides(cfg, {k: v for k, v in stored.items() if k in FIELDS and k != "algo"}, "config.json")
     cfg.algo = {name: dict(values) for name, values in (stored.get("algo") or {}).items()}
+    if cfg.target_accuracy is None and stored.get("target_acc") is not None:
+        cfg.target_accuracy = float(stored["target_acc"])  # a folder from before targets were resolved: its target
     validate(cfg)
     return cfg
 
@@ -176,12 +215,12 @@ def from_results(stored: dict[str, Any]) -> RunConfig:
 def validate(cfg: RunConfig) -> None:
     """Reject values outside their valid range, each with a one-line message."""
     from bench.registry import resolve_algorithms
-    from data.partition import PARTITIONERS
+    from data.partition import FILE_PREFIX, PARTITIONERS, is_file_partition
     from models.groups import MODEL_GROUPS
 
     for key in ("num_clients", "rounds", "local_epochs", "batch_size", "eval_every", "eval_batch_size",
                 "classes_per_client"):
-        if getattr(cfg, key) < 1:
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
             raise UserError(f"{key} must be a positive integer, got {getattr(cfg, key)}")
     if not 0 < cfg.participation <= 1:
         raise UserError(f"participation must be in (0, 1], got {cfg.participation}")
@@ -197,7 +236,15 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"target_accuracy must be in (0, 1], got {cfg.target_accuracy}")
     if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
         raise UserError(f"unknown device {cfg.device!r}; valid: auto, cpu, cuda")
-    if cfg.partition not in PARTITIONERS:
+    if is_file_partition(cfg.partition):
+        from data.portable import read_json
+
+        # Absolute, so the config names the same file from any directory (resume, Ray workers); the file is
+        # checked now, before any data is loaded.
+        path = Path(cfg.partition[len(FILE_PREFIX):]).expanduser().resolve()
+        cfg.partition = f"{FILE_PREFIX}{path}"
+        read_json(path, cfg.num_clients)
+    elif cfg.partition not in PARTITIONERS:
         raise UserError(f"unknown partitioner {cfg.partition!r}; valid: {', '.join(PARTITIONERS)}")
     if cfg.model_group not in MODEL_GROUPS:
         raise UserError(f"unknown model group {cfg.model_group!r}; valid: {', '.join(MODEL_GROUPS)}")

@@ -21,15 +21,16 @@ import torch
 
 from bench.accounting import FlopAccountant
 from bench.checkpoint import CheckpointError, Packer, RunCheckpoint, unpack
-from bench.config import RunConfig, config_differences
+from bench.config import RunConfig, config_differences, default_classes_per_client, resolve_dataset_defaults
 from bench.errors import UserError
 from bench.progress import Progress, fmt_duration
 from bench.registry import resolve_algorithms
 from bench.simulator import RunContext, Simulation
-from bench.summary import default_target, run_summary
+from bench.summary import run_summary
 from bench.tracking import ResultsFolder, Tracker, default_tracking_uri, make_mlflow_tracker
 from data.device_data import DeviceData
-from data.partition import ClientSplit, partition
+from data.partition import FILE_PREFIX, ClientSplit, is_file_partition, partition
+from data.portable import file_splits, partition_sha256
 from data.sources import load_dataset
 
 
@@ -55,12 +56,19 @@ def run_key(algo: str, seed: int) -> str:
 
 
 def client_splits(cfg: RunConfig, dataset, seed: int, device: torch.device) -> list[ClientSplit]:
-    if cfg.classes_per_client > dataset.num_classes:
-        raise UserError(f"classes_per_client={cfg.classes_per_client} exceeds the {dataset.num_classes} classes "
-                        f"of {dataset.name}; valid: 1..{dataset.num_classes}")
-    splits = partition(dataset.y_train, dataset.y_test, cfg.num_clients, cfg.partition,
-                       classes_per_client=cfg.classes_per_client, alpha=cfg.dirichlet_alpha,
-                       val_fraction=cfg.val_fraction, seed=seed)
+    """The clients' index sets: drawn from `seed` by the partitioner, or read from a partition file (the same
+    for every seed)."""
+    if is_file_partition(cfg.partition):
+        splits = file_splits(Path(cfg.partition[len(FILE_PREFIX):]), dataset, cfg.num_clients)
+    else:
+        cpc = cfg.classes_per_client
+        cpc = default_classes_per_client(dataset.num_classes) if cpc is None else cpc  # None: dataset-aware
+        if cpc > dataset.num_classes:
+            raise UserError(f"classes_per_client={cpc} exceeds the {dataset.num_classes} classes "
+                            f"of {dataset.name}; valid: 1..{dataset.num_classes}")
+        splits = partition(dataset.y_train, dataset.y_test, cfg.num_clients, cfg.partition,
+                           classes_per_client=cpc, alpha=cfg.dirichlet_alpha,
+                           val_fraction=cfg.val_fraction, seed=seed)
     return [ClientSplit(s.train.to(device), s.val.to(device), s.test.to(device)) for s in splits]
 
 
@@ -141,10 +149,11 @@ def check_algorithms(cfg: RunConfig, algo_classes: list, data: DeviceData, split
 NEEDS_RUN_NAME = "--resume needs --run-name NAME (the run to continue), or use `bench resume RESULTS_DIR`"
 
 
-def results_root(cfg: RunConfig, resume: bool) -> tuple[Path, bool]:
+def results_root(cfg: RunConfig, resume: bool, partition_hashes: dict[str, str] | None = None) -> tuple[Path, bool]:
     """(<output-dir>/<run-name>, whether it holds a run to continue). Without a run name: a new timestamped
     folder, made unique with a suffix when another process took the same second. Refuses a folder that
-    holds another run's results, or this run's without --resume."""
+    holds another run's results (another config, or another partition of a seed both have), or this run's
+    without --resume."""
     output_dir = Path(cfg.output_dir)
     if cfg.run_name is None:
         if resume:
@@ -168,6 +177,10 @@ def results_root(cfg: RunConfig, resume: bool) -> tuple[Path, bool]:
     except json.JSONDecodeError:
         raise UserError(f"{root} holds an unreadable config.json; choose another --run-name or --output-dir") from None
     differences = config_differences(stored, cfg)
+    stored_hashes = stored.get("partition_hashes") or {}
+    differences += [f"partition of seed {seed}: sha256 {stored_hashes[seed][:12]}... there, {digest[:12]}... here"
+                    for seed, digest in (partition_hashes or {}).items()
+                    if stored_hashes.get(seed) not in (None, digest)]
     if differences:
         what = "; ".join(differences[:3]) + ("; ..." if len(differences) > 3 else "")
         if resume:
@@ -258,9 +271,11 @@ def open_invocation(cfg: RunConfig, *, use_mlflow: bool = True, resume: bool = F
         raise UserError(NEEDS_RUN_NAME)
     inputs = load_inputs(cfg, device)
     dataset, data, splits_by_seed = inputs
+    cfg = resolve_dataset_defaults(cfg, dataset.num_classes)  # what the folder records and every run uses
     check_algorithms(cfg, algo_classes, data, splits_by_seed[cfg.seeds[0]], device)
-    target = cfg.target_accuracy or default_target(dataset.num_classes)
-    root, resuming = results_root(cfg, resume)
+    target = cfg.target_accuracy
+    hashes = {str(seed): partition_sha256(splits) for seed, splits in splits_by_seed.items()}
+    root, resuming = results_root(cfg, resume, hashes)
     results = ResultsFolder(root)
     results.acquire()
     try:
@@ -272,7 +287,7 @@ def open_invocation(cfg: RunConfig, *, use_mlflow: bool = True, resume: bool = F
             if mlflow_tracker is not None:
                 trackers.append(mlflow_tracker)
         config = {**cfg.to_dict(), "run_name": root.name, "device_resolved": f"ray worker ({cfg.device})" if remote
-                  else str(device), "target_acc": target, "torch": torch.__version__}
+                  else str(device), "target_acc": target, "partition_hashes": hashes, "torch": torch.__version__}
         for t in trackers:
             resume_hook = getattr(t, "resume_invocation", None) if resuming else None
             (resume_hook or t.start_invocation)(root.name, config)
@@ -381,7 +396,8 @@ def execute_run(cfg: RunConfig, algo_cls, seed: int, data: DeviceData, splits: l
     every cfg.checkpoint_every rounds; `resume=True` continues from that checkpoint."""
     key = run_key(algo_cls.name, seed)
     hparams = algo_cls.hparams_for(cfg)
-    params = {**config, "algorithm": algo_cls.name, "seed": seed, "hparams": vars(hparams)}
+    params = {**{k: v for k, v in config.items() if k != "partition_hashes"}, "algorithm": algo_cls.name,
+              "seed": seed, "partition_hash": partition_sha256(splits), "hparams": vars(hparams)}
     tags = {"algorithm": algo_cls.name, "dataset": dataset_name, "seed": str(seed),
             "setting": f"N={cfg.num_clients},C={cfg.participation}", "model_group": cfg.model_group}
     checkpoint = RunCheckpoint(checkpoint_dir) if checkpoint_dir is not None else None

@@ -5,11 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 
-def default_target(num_classes: int) -> float:
-    """SPEC: 90% for CIFAR-10, 50% for CIFAR-100 (10 vs 100 classes)."""
-    return 0.9 if num_classes <= 10 else 0.5
-
-
 def run_summary(history: list[dict[str, Any]], target: float) -> dict[str, Any]:
     evaluated = [h for h in history if h["step"] > 0 and "acc_mean" in h]
     last = history[-1]

@@ -8,7 +8,6 @@ the same label distribution.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from math import gcd
 
 import numpy as np
 import torch
@@ -16,10 +15,20 @@ import torch
 from bench.errors import UserError
 
 PARTITIONERS: dict[str, str] = {
-    "label-skew": "pathological: each client holds classes_per_client classes, with U(0.4, 0.6) weighted shares (the paper's)",
+    "label-skew": "pathological (the paper's): each client holds classes_per_client classes (default 2; 10 on "
+                  "datasets with more than 10 classes), with U(0.4, 0.6) weighted shares; when classes_per_client * N "
+                  "is not a multiple of the classes, classes are dealt as evenly as possible: each held by floor or "
+                  "ceil of classes_per_client * N / classes clients (unheld classes' samples unused)",
     "dirichlet": "each class split among all clients by Dirichlet(alpha) proportions (smaller alpha: more skew)",
     "iid": "every class split equally among all clients",
+    "file:PATH.json": "a given partition: client index lists written by `bench partition export --format json` "
+                      "(or converted from another tool); the same for every seed",
 }
+FILE_PREFIX = "file:"
+
+
+def is_file_partition(scheme: str) -> bool:
+    return scheme.startswith(FILE_PREFIX)
 
 
 @dataclass
@@ -43,8 +52,8 @@ def partition(
 ) -> list[ClientSplit]:
     """Per-client index sets, deterministic from `seed`. num_classes defaults to max label + 1."""
     y_train, y_test = np.asarray(y_train, dtype=np.int64), np.asarray(y_test, dtype=np.int64)
-    if scheme not in PARTITIONERS:
-        raise UserError(f"unknown partition scheme {scheme!r}; valid: {', '.join(PARTITIONERS)}")
+    if scheme not in PARTITIONERS or is_file_partition(scheme):
+        raise UserError(f"unknown partition scheme {scheme!r}; valid: label-skew, dirichlet, iid")
     if num_clients < 1:
         raise UserError(f"num_clients is {num_clients}; it must be at least 1")
     if not 0 <= val_fraction < 1:
@@ -82,34 +91,37 @@ def partition(
 def label_skew_proportions(
     num_classes: int, num_clients: int, classes_per_client: int, rng: np.random.Generator
 ) -> np.ndarray:
-    """The paper's pathological split: every client gets classes_per_client classes, every class m clients."""
+    """The paper's pathological split: every client gets classes_per_client distinct classes, every class
+    m = classes_per_client * N / K clients. When cpc * N is not a multiple of K, classes are dealt as evenly
+    as possible: each class is held by floor or ceil of cpc * N / K clients (none, for some classes, when
+    cpc * N < K: their samples then belong to no client). A multiple of K gives the exact SPEC partition."""
     if not 1 <= classes_per_client <= num_classes:
         raise UserError(
-            f"classes_per_client is {classes_per_client}; it must be between 1 and the number of classes ({num_classes})"
+            f"classes_per_client is {classes_per_client}; valid: 1..{num_classes} (the number of classes)"
         )
-    m, rest = divmod(classes_per_client * num_clients, num_classes)
-    if rest:
-        step = num_classes // gcd(num_classes, classes_per_client)
-        raise UserError(
-            f"label-skew needs classes_per_client * num_clients ({classes_per_client} * {num_clients}) to be a "
-            f"multiple of the {num_classes} classes, so each class has a whole number of clients; "
-            f"use num_clients a multiple of {step}"
-        )
-    weights = rng.uniform(0.4, 0.6, size=(num_classes, m))
-    weights /= weights.sum(axis=1, keepdims=True)
-    slots = np.full(num_classes, m)  # unused client slots per class
-    p = np.zeros((num_classes, num_clients))
+    # Every class offers `width` client slots (m when cpc * N is a multiple of K, else ceil(cpc * N / K)).
+    width = -(-classes_per_client * num_clients // num_classes)
+    weights = rng.uniform(0.4, 0.6, size=(num_classes, width))
+    slots = np.full(num_classes, width)  # unused client slots per class
+    held = np.zeros((num_classes, num_clients), dtype=bool)
+    slot_of = np.zeros((num_classes, num_clients), dtype=np.int64)  # which weight a holder of the class gets
     for client in range(num_clients):
         for _ in range(classes_per_client):
             # Classes the client already holds are out of the running.
-            open_slots = np.where(p[:, client] > 0, -1, slots)
+            open_slots = np.where(held[:, client], -1, slots)
             best = np.flatnonzero(open_slots == open_slots.max())
             c = rng.choice(best)
-            # Picking from the fullest classes keeps slot counts within one of each other, so this never fails.
+            # Picking from the fullest classes keeps slot counts within one of each other, so this never
+            # fails, and the classes left with an unused slot at the end (uneven case) lose just that one.
             assert slots[c] > 0, "label-skew assignment ran out of slots"
-            p[c, client] = weights[c, m - slots[c]]
+            held[c, client] = True
+            slot_of[c, client] = width - slots[c]
             slots[c] -= 1
-    return p
+    # Normalise each class's weights over the slots it used (all of them in the even case: as SPEC).
+    weights = np.where(np.arange(width) < (width - slots)[:, None], weights, 0.0)
+    totals = weights.sum(axis=1, keepdims=True)
+    weights /= np.where(totals > 0, totals, 1.0)
+    return np.where(held, np.take_along_axis(weights, slot_of, axis=1), 0.0)
 
 
 def dirichlet_proportions(num_classes: int, num_clients: int, alpha: float, rng: np.random.Generator) -> np.ndarray:
@@ -128,12 +140,16 @@ def _cut(pool: np.ndarray, labels: np.ndarray, p: np.ndarray, rng: np.random.Gen
     shuffled = rng.permutation(len(pool))
     order = shuffled[np.argsort(labels[shuffled], kind="stable")]
     counts = np.bincount(labels, minlength=num_classes)
-    # Cut each class at the rounded cumulative proportions, so no sample is lost or duplicated.
-    cum = np.cumsum(p, axis=1) / p.sum(axis=1, keepdims=True)
+    # Cut each class at the rounded cumulative proportions, so no sample is lost or duplicated. A class no
+    # client holds (label skew with cpc * N < K) has all its cuts at 0.
+    totals = p.sum(axis=1, keepdims=True)
+    cum = np.cumsum(p, axis=1) / np.where(totals > 0, totals, 1.0)
     cuts = np.rint(cum * counts[:, None]).astype(np.int64)
     per_client = np.diff(cuts, axis=1, prepend=0)  # (classes, clients) sample counts
     owner = np.repeat(np.tile(np.arange(num_clients), num_classes), per_client.ravel())
     members = pool[order]
+    if (totals == 0).any():  # drop the samples of classes nobody holds (owner lists only the others)
+        members = members[totals[labels[order], 0] > 0]
     members = members[np.lexsort((members, owner))]  # by client, then by index
     sizes = np.bincount(owner, minlength=num_clients)
     return np.split(members, np.cumsum(sizes)[:-1])

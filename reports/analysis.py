@@ -167,8 +167,8 @@ def cost_to_target(group: Group) -> CostResult:
     """Rounds, computation and communication to reach the target, for every method, with the ratios
     baseline / pFedLoRA ("pFedLoRA needs k times less") and the accuracy gain of pFedLoRA in points.
 
-    Target (SPEC section 3): the fixed target of the runs (target_acc: 90% CIFAR-10, 50% CIFAR-100 by
-    default) when every method's mean curve reaches it; otherwise the best baseline's mean final accuracy,
+    Target (SPEC section 3): the fixed target of the runs (target_acc: 90% CIFAR-10; CIFAR-100 70/60/50% at
+    N = 10/50/100 by default) when every method's mean curve reaches it; otherwise the best baseline's mean final accuracy,
     used for every method of the group so the ratios compare like with like."""
     from reports.results import display_name
 

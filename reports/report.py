@@ -107,11 +107,27 @@ def group_section(group: Group, out_dir: Path, suffix: str = "") -> Section:
                             "Rounds, computation and communication to reach the target accuracy"),
                 table_item(tables.cost_table(result, f"cost_to_target{suffix}"), out_dir)]
 
+    note = partition_note(group)
+    if note:
+        section.notes.append(note)
     attempt(section, "accuracy curves", curve_figures)
     attempt(section, "final accuracy", final_accuracy)
     attempt(section, "per-client difference", client_difference)
     attempt(section, "cost to target", cost)
     return section
+
+
+def partition_note(group: Group) -> str:
+    """Which client partition each seed used: the sha256 of its client index lists (data/portable.py), as
+    recorded by the runs (runs from before partition hashes were recorded have none)."""
+    by_seed = {run.seed: run.params.get("partition_hash") for runs in group.runs.values() for run in runs}
+    by_seed = {seed: digest for seed, digest in sorted(by_seed.items()) if digest}
+    if not by_seed:
+        return ""
+    if len(set(by_seed.values())) == 1 and len(by_seed) > 1:
+        return f"Partition (sha256 of the client index lists): `{next(iter(by_seed.values()))}`, every seed."
+    return "Partition (sha256 of the client index lists): " + "; ".join(
+        f"seed {seed} `{digest}`" for seed, digest in by_seed.items()) + "."
 
 
 def build_report(runs: list[Run], out_dir: Path, title: str = "Report", index_name: str = "report.md",

@@ -91,7 +91,9 @@ def setting_label(params: dict[str, Any]) -> str:
         parts.append(f"C={100 * float(params['participation']):g}%")
     partition = params.get("partition")
     if partition == "label-skew":
-        parts.append(f"{int(params.get('classes_per_client', 2))} classes/client")
+        parts.append(f"{int(params.get('classes_per_client') or 2)} classes/client")
+    elif str(partition).startswith("file:"):
+        parts.append(f"partition {Path(str(partition)[len('file:'):]).name}")
     elif partition == "dirichlet":
         parts.append(f"Dirichlet({params.get('dirichlet_alpha')})")
     elif partition:

@@ -126,3 +126,59 @@ def test_plugin_installed_through_an_entry_point(tmp_path):
                 "--output-dir", str(tmp_path / "out"), "--run-name", "p", "--quiet", env=env)
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "out" / "p" / "runs" / "copycat-seed0" / "metrics.csv").exists()
+
+
+# ---- label skew for any N, dataset-aware defaults ------------------------------------------------------------------
+
+
+def test_list_says_how_uneven_label_skew_is_dealt():
+    result = CliRunner().invoke(cli, ["list"])
+    assert result.exit_code == 0
+    assert "floor or ceil" in result.output and "file:PATH.json" in result.output
+
+
+def test_dataset_aware_defaults_follow_the_protocol():
+    from bench.config import RunConfig, default_classes_per_client, default_target_accuracy, resolve_dataset_defaults
+
+    assert [default_classes_per_client(k) for k in (2, 10, 11, 100)] == [2, 2, 10, 10]
+    assert {default_target_accuracy(10, n) for n in (5, 10, 50, 100)} == {0.9}  # CIFAR-10: 90% (SPEC section 3)
+    assert [default_target_accuracy(100, n) for n in (10, 50, 100)] == [0.7, 0.6, 0.5]  # CIFAR-100, pFedES
+    # Other N: the nearest of 10, 50, 100, ties to the smaller N.
+    assert [default_target_accuracy(100, n) for n in (1, 30, 31, 75, 76, 1000)] == [0.7, 0.7, 0.6, 0.6, 0.5, 0.5]
+    resolved = resolve_dataset_defaults(RunConfig(num_clients=50), 100)
+    assert (resolved.classes_per_client, resolved.target_accuracy) == (10, 0.6)
+    explicit = resolve_dataset_defaults(RunConfig(num_clients=50, classes_per_client=30, target_accuracy=0.4), 100)
+    assert (explicit.classes_per_client, explicit.target_accuracy) == (30, 0.4)  # an explicit value wins
+    assert RunConfig().classes_per_client is None and RunConfig().target_accuracy is None
+
+
+def test_an_old_folder_without_resolved_defaults_compares_by_the_target_it_used():
+    from bench.config import RunConfig, config_differences, from_results, resolve_dataset_defaults
+
+    old = {**RunConfig(dataset="cifar100", algorithms=["standalone"]).to_dict(), "classes_per_client": 10,
+           "target_accuracy": None, "target_acc": 0.5}  # written when CIFAR-100's target was 0.5 at every N
+    assert from_results(old).target_accuracy == 0.5  # `bench resume` keeps the folder's target
+    now = resolve_dataset_defaults(RunConfig(dataset="cifar100", algorithms=["standalone"]), 100)
+    assert config_differences(old, now) == ["target_accuracy: 0.5 there, 0.7 here"]
+    assert config_differences({**old, "target_acc": None}, now) == []  # unknown target: the default stands
+
+
+def test_cifar100_like_run_records_the_resolved_defaults_and_resumes(tmp_path, monkeypatch, capsys):
+    from tests.conftest import bench_main
+
+    out = tmp_path / "results"
+    args = ["run", "--algo", "standalone", "--dataset", "synthetic:20", "--clients", "5", "--model-group", "cnn5-homo",
+            "--rounds", "1", "--batch-size", "64", "--output-dir", str(out), "--run-name", "many", "--quiet"]
+    code, _, err = bench_main(monkeypatch, capsys, *args)
+    assert code == 0, err
+    config = json.loads((out / "many" / "config.json").read_text())
+    # 20 classes: label skew with 10 classes per client (5 x 10 = 50 slots dealt over 20 classes), target 70% at N=5.
+    assert (config["classes_per_client"], config["target_accuracy"], config["target_acc"]) == (10, 0.7, 0.7)
+    assert json.loads((out / "many" / "runs" / "standalone-seed0" / "summary.json").read_text())["target_acc"] == 0.7
+    # The recorded config resumes, as is and from the same command line (unresolved: resolved to the same).
+    code, stdout, err = bench_main(monkeypatch, capsys, "resume", str(out / "many"))
+    assert code == 0 and "already finished" in stdout + err, err
+    code, _, err = bench_main(monkeypatch, capsys, *args, "--resume", "--classes-per-client", "10")
+    assert code == 0, err  # a config difference would refuse with exit 2
+    code, _, err = bench_main(monkeypatch, capsys, *args, "--resume", "--set", "target_accuracy=0.5")
+    assert code == 2 and "target_accuracy: 0.7 there, 0.5 here" in err

@@ -67,8 +67,7 @@ BAD_INPUTS = [
     (["run", "--checkpoint-every", "-1"], "checkpoint_every must be a non-negative integer (0 = no checkpoints)"),
     (["run", "--dataset", "synthetic:4", "--classes-per-client", "5"],
      "classes_per_client=5 exceeds the 4 classes of synthetic:4; valid: 1..4"),
-    (["run", "--clients", "7"], "label-skew needs classes_per_client * num_clients (2 * 7) to be a multiple of "
-                                "the 10 classes"),
+    (["run", "--partition", "file:{d}/nothing.json"], "partition file {d}/nothing.json does not exist"),
     (["run", "--partition", "iid", "--clients", "400"], "partition leaves client"),
     (["run", "--dataset", "{d}/no_y_test.npz"], "missing key(s) y_test; an .npz dataset needs x_train, y_train, "
                                                 "x_test, y_test"),
