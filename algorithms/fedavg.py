@@ -1,11 +1,18 @@
-"""FedAvg (McMahan et al. 2017), the model-homogeneous reference: the whole model is averaged."""
+"""FedAvg (McMahan et al. 2017), the model-homogeneous reference: the whole model is averaged.
+
+Round: the server sends the global model; each sampled client loads it, trains it with CE for E epochs and
+uploads it; the server's new global model is the weighted average of the uploads (`aggregation`: n_k, as
+the paper's Algorithm 1, or uniform). Prediction (`eval_model`): the global model, so every client is
+evaluated after each aggregation, or each client's own model after its local training.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from algorithms.base import Algorithm, Payload, load_payload, state_payload, weighted_average
+from algorithms.base import (Algorithm, Payload, aggregation_weights, check_aggregation, load_payload,
+                             state_payload, weighted_average)
 from bench.errors import UserError
 from bench.registry import register
 
@@ -15,10 +22,12 @@ class FedAvgHyperparams:
     # "global": evaluate the aggregated global model on each client's test set (classic FedAvg);
     # "local": evaluate each client's model after its own local training (FedAvg + local fine-tuning).
     eval_model: str = "global"
+    aggregation: str = "samples"  # weights of the average: "samples" = n_k (SPEC, the paper), "uniform" = 1 each
 
     def validate(self) -> None:
         if self.eval_model not in ("global", "local"):
             raise UserError(f"fedavg.eval_model must be 'global' or 'local', got {self.eval_model!r}")
+        check_aggregation("fedavg", self.aggregation)
 
 
 @register
@@ -28,6 +37,10 @@ class FedAvg(Algorithm):
     description = "whole-model averaging; model-homogeneous groups only"
     Hyperparams = FedAvgHyperparams
     homogeneous_only = True
+    # Both references match the SPEC defaults (algorithms/README.md): the authors released no code and the
+    # paper's Algorithm 1 weights by n_k; HtFLlib has no FedAvg (its sibling PFLlib weights by n_k and
+    # evaluates the global model).
+    profiles = {"official": {}, "htfllib": {}}
 
     def __init__(self, ctx, hp):
         super().__init__(ctx, hp)
@@ -42,23 +55,25 @@ class FedAvg(Algorithm):
     def server_payload(self, client, round_index: int) -> Payload:
         return state_payload(self.global_model)
 
-    def client_update(self, client, payload: Payload, round_index: int) -> Payload:
-        model = client.state["model"].train()
+    def download(self, client, payload: Payload):
+        """The client's model with the global model loaded, ready to train."""
+        model = client.state["model"]
         load_payload(model, payload)
+        return model.train()
+
+    def client_update(self, client, payload: Payload, round_index: int) -> Payload:
+        model = self.download(client, payload)
         self.ctx.train(client, [model], lambda x, y: F.cross_entropy(model(x), y), self.ctx.cfg.local_epochs,
                        phase="local")
         return state_payload(model)
 
     def client_update_many(self, clients, payloads, round_index: int) -> dict[int, Payload]:
-        models = [c.state["model"].train() for c in clients]
-        for c, model in zip(clients, models):
-            load_payload(model, payloads[c.id])
+        models = [self.download(c, payloads[c.id]) for c in clients]
         self.ctx.train_many(clients, models, self.ctx.cfg.local_epochs, phase="local")
         return {c.id: state_payload(model) for c, model in zip(clients, models)}
 
     def aggregate(self, uploads: dict[int, Payload], round_index: int) -> None:
-        load_payload(self.global_model, weighted_average(uploads, self.ctx.client_weights))
+        load_payload(self.global_model, weighted_average(uploads, aggregation_weights(self.ctx, self.hp.aggregation)))
 
     def predict(self, client, x):
-        model = self.global_model if self.hp.eval_model == "global" else client.state["model"]
-        return model.eval()(x)
+        return (self.global_model if self.hp.eval_model == "global" else client.state["model"])(x)

@@ -11,15 +11,21 @@ Design decisions (each a Hyperparams field where it is a choice):
   sent and loaded from the very first round (`load_initial_header=True`); False follows the authors'
   script, which keeps the client's own random header in its first round (nothing is downloaded then).
   A client sampled later always gets the current H.
-- Representations: eval mode, no augmentation, the client's whole train split in eval batches, right after
-  local training; exact per-class means (index_add_). This forward pass counts as the client's
-  training FLOPs. Upload: "reps" float32 (|classes_k| x rep_dim) and "classes" in the smallest unsigned
-  integer type that holds the class ids (uint8 up to 256 classes: 1 byte each).
+- Representations (`representation`): "exact" = eval mode, no augmentation, the client's whole train split
+  in eval batches, right after local training, exact per-class means (index_add_); "batch-mean" = the
+  authors' script: a second pass over augmented, shuffled training batches (eval mode), the per-class mean
+  of the per-batch class means. Either pass counts as the client's training FLOPs. Upload: "reps" float32
+  (|classes_k| x rep_dim) and "classes" in the smallest integer type that holds the class ids (uint8 up
+  to 256 classes: 1 byte each).
 - Server training: `server_epochs` passes per round over the pairs, in a seeded random order, in
   mini-batches of `server_batch_size` pairs (default 1: one SGD step per pair, as the authors' loop;
-  0 = all pairs in one batch); SGD lr 0.01, momentum 0.9 (`server_lr`, `server_momentum`,
-  `server_weight_decay` 0), gradient clipping at the run's grad_clip, optimizer state kept across rounds.
-Inference: the client's model (its extractor and its locally trained copy of H).
+  0 = all pairs in one batch, -1 = the run's batch_size as HtFLlib); SGD lr 0.01, momentum 0.9
+  (`server_lr`, `server_momentum`, `server_weight_decay` 0), gradient clipping at the run's grad_clip
+  (`server_grad_clip`), optimizer state kept across rounds (`keep_server_optimizer`).
+- Inference (`eval_header`): "local" = the client's model, its extractor and its locally trained copy of H
+  (the authors' script evaluates right after local training); "global" = HtFLlib: after every aggregation
+  H is broadcast to every client and loaded into its model, so every client is evaluated with its
+  extractor and the current H (a client then needs no download at the start of a round).
 """
 from __future__ import annotations
 
@@ -34,6 +40,8 @@ from bench.errors import UserError
 from bench.registry import register
 
 SERVER_STREAM = 3  # seed offset of the server's shuffling generator
+REPRESENTATIONS = ("exact", "batch-mean")
+EVAL_HEADERS = ("local", "global")
 
 
 @dataclass
@@ -42,15 +50,28 @@ class FedGHHyperparams:
     server_momentum: float = 0.9
     server_weight_decay: float = 0.0
     server_epochs: int = 1           # passes over the received pairs per round
-    server_batch_size: int = 1       # pairs per server step; 0 = all pairs in one batch
+    server_batch_size: int = 1       # pairs per server step; 0 = all pairs in one batch, -1 = the run's batch_size
+    keep_server_optimizer: bool = True  # one SGD for the whole run (momentum kept); False = a new one each round
+    server_grad_clip: bool = True    # clip the server's gradient norm at the run's grad_clip; False = never
     load_initial_header: bool = True # also send and load the server's initial H in round index 0
+    # How the uploaded class representations are formed: "exact" means over the unaugmented train split,
+    # or "batch-mean": the mean of per-batch class means over augmented training batches (authors' code).
+    representation: str = "exact"
+    # The header a client is evaluated with: "local" = its own trained copy; "global" = the server's H,
+    # broadcast to every client after each aggregation (HtFLlib).
+    eval_header: str = "local"
 
     def validate(self) -> None:
         if self.server_lr <= 0 or self.server_momentum < 0 or self.server_weight_decay < 0:
             raise UserError("fedgh.server_lr must be > 0 and fedgh.server_momentum/server_weight_decay >= 0")
-        if self.server_epochs < 1 or self.server_batch_size < 0:
-            raise UserError(f"fedgh.server_epochs must be >= 1 and fedgh.server_batch_size >= 0 (0 = all), "
-                            f"got {self.server_epochs}, {self.server_batch_size}")
+        if self.server_epochs < 1 or self.server_batch_size < -1:
+            raise UserError(f"fedgh.server_epochs must be >= 1 and fedgh.server_batch_size >= -1 "
+                            f"(0 = all, -1 = the run's batch_size), got {self.server_epochs}, {self.server_batch_size}")
+        if self.representation not in REPRESENTATIONS:
+            raise UserError(f"fedgh.representation must be one of {', '.join(REPRESENTATIONS)}, "
+                            f"got {self.representation!r}")
+        if self.eval_header not in EVAL_HEADERS:
+            raise UserError(f"fedgh.eval_header must be one of {', '.join(EVAL_HEADERS)}, got {self.eval_header!r}")
 
 
 def class_id_dtype(num_classes: int) -> torch.dtype:
@@ -68,6 +89,17 @@ class FedGH(Algorithm):
     server_flops_by_upload_shapes = True
     description = "global header trained on the server from the clients' per-class mean representations"
     Hyperparams = FedGHHyperparams
+    # Sources and line numbers: algorithms/README.md (fidelity notes).
+    profiles = {
+        # LipingYi/FedGH FedGH_mh.py: no download in round 0; class means of per-batch means over augmented
+        # training batches. Its server loop would take one step per pair (SPEC's values) had it stepped a
+        # server optimizer; evaluation of the locally trained model as SPEC.
+        "official": {"load_initial_header": False, "representation": "batch-mean"},
+        # HtFLlib servergh.py/clientgh.py: 100 server epochs in batches of the run's batch_size with a fresh
+        # momentum-free SGD each round, no clipping; every client evaluated with the broadcast header.
+        "htfllib": {"server_epochs": 100, "server_batch_size": -1, "server_momentum": 0.0,
+                    "keep_server_optimizer": False, "server_grad_clip": False, "eval_header": "global"},
+    }
 
     @classmethod
     def estimated_cost(cls, hp, cfg) -> float:
@@ -81,11 +113,17 @@ class FedGH(Algorithm):
         self.rep_dim = dims.pop()
         self.generator = torch.Generator(device=ctx.device)
         self.generator.manual_seed(ctx.seed * 1000 + SERVER_STREAM)
+        # "global": H goes to every client after aggregation, and every client is then evaluated.
+        self.broadcast_after_aggregation = hp.eval_header == "global"
+        self.prediction_uses_server_state = hp.eval_header == "global"
 
     def init_server(self) -> None:
         self.header = nn.Linear(self.rep_dim, self.ctx.num_classes).to(self.ctx.device)
-        self.optimizer = torch.optim.SGD(self.header.parameters(), lr=self.hp.server_lr,
-                                         momentum=self.hp.server_momentum, weight_decay=self.hp.server_weight_decay)
+        self.optimizer = self.server_optimizer()
+
+    def server_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.header.parameters(), lr=self.hp.server_lr, momentum=self.hp.server_momentum,
+                               weight_decay=self.hp.server_weight_decay)
 
     def init_client(self, client) -> None:
         client.state["model"] = self.ctx.build_model(client.arch)
@@ -93,29 +131,59 @@ class FedGH(Algorithm):
     def server_payload(self, client, round_index: int) -> Payload:
         if round_index == 0 and not self.hp.load_initial_header:
             return {}
+        if round_index > 0 and self.hp.eval_header == "global":
+            return {}  # the broadcast after the previous aggregation already put the current H in every client
         return state_payload(self.header)
 
-    def client_update(self, client, payload: Payload, round_index: int) -> Payload:
+    def download(self, client, payload: Payload):
+        """Load the received H (if any) into the client's header; returns the model, ready to train."""
         model = client.state["model"]
         if payload:
             load_payload(model.header, payload)
-        model.train()
-        self.ctx.train(client, [model], lambda x, y: F.cross_entropy(model(x), y), self.ctx.cfg.local_epochs,
-                       phase="local")
+        return model.train()
+
+    def upload(self, client) -> Payload:
         classes, reps = self.representations(client)
         return {"reps": reps, "classes": classes.to(class_id_dtype(self.ctx.num_classes))}
 
+    def client_update(self, client, payload: Payload, round_index: int) -> Payload:
+        model = self.download(client, payload)
+        self.ctx.train(client, [model], lambda x, y: F.cross_entropy(model(x), y), self.ctx.cfg.local_epochs,
+                       phase="local")
+        return self.upload(client)
+
+    def client_update_many(self, clients, payloads, round_index: int) -> dict[int, Payload]:
+        models = [self.download(c, payloads[c.id]) for c in clients]
+        self.ctx.train_many(clients, models, self.ctx.cfg.local_epochs, phase="local")
+        return {c.id: self.upload(c) for c in clients}
+
     @torch.no_grad()
     def representations(self, client) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-class mean extractor outputs over the client's train split (client training FLOPs)."""
-        extractor = client.state["model"].eval().extractor
-        sums = torch.zeros(self.ctx.num_classes, self.rep_dim, device=self.ctx.device)
-        counts = torch.zeros(self.ctx.num_classes, dtype=torch.long, device=self.ctx.device)
-        for x, y in self.ctx.data.eval_batches("train", client.split.train, self.ctx.cfg.eval_batch_size):
+        """(classes held, their mean extractor outputs) over the client's train split, as `representation`
+        says; eval mode, counted as the client's training FLOPs."""
+        model = client.state["model"]
+        training = model.training
+        model.eval()
+        k, device = self.ctx.num_classes, self.ctx.device
+        sums = torch.zeros(k, self.rep_dim, device=device)
+        counts = torch.zeros(k, dtype=torch.long, device=device)  # samples ("exact") or batches ("batch-mean")
+        if self.hp.representation == "exact":
+            batches = self.ctx.data.eval_batches("train", client.split.train, self.ctx.cfg.eval_batch_size)
+        else:
+            batches = self.ctx.data.train_batches(client.split.train, self.ctx.cfg.batch_size, self.ctx.generator)
+        for x, y in batches:
             with self.ctx.accountant.count("train", (self.name, "representations", client.arch, len(y)), client.id):
-                h = extractor(x)
-            sums.index_add_(0, y, h.float())
-            counts.index_add_(0, y, torch.ones_like(y, dtype=counts.dtype))  # bincount syncs per batch on CUDA
+                h = model.extractor(x).float()
+            if self.hp.representation == "exact":
+                sums.index_add_(0, y, h)
+                counts.index_add_(0, y, torch.ones_like(y, dtype=counts.dtype))  # bincount syncs per batch on CUDA
+            else:
+                batch_sums = torch.zeros_like(sums).index_add_(0, y, h)
+                batch_counts = torch.zeros_like(counts).index_add_(0, y, torch.ones_like(y))
+                held = batch_counts > 0
+                sums += batch_sums / batch_counts.clamp(min=1).unsqueeze(1)  # rows of absent classes stay 0
+                counts += held.long()
+        model.train(training)
         present = torch.nonzero(counts > 0).flatten()
         return present, sums[present] / counts[present].unsqueeze(1)
 
@@ -132,22 +200,11 @@ class FedGH(Algorithm):
         labels = torch.cat([uploads[i]["classes"].long() for i in ids])
         return reps, labels
 
-    def client_update_many(self, clients, payloads, round_index: int) -> dict[int, Payload]:
-        models = [c.state["model"] for c in clients]
-        for c, model in zip(clients, models):
-            if payloads[c.id]:
-                load_payload(model.header, payloads[c.id])
-            model.train()
-        self.ctx.train_many(clients, models, self.ctx.cfg.local_epochs, phase="local")
-        out = {}
-        for c in clients:
-            classes, reps = self.representations(c)
-            out[c.id] = {"reps": reps, "classes": classes.to(class_id_dtype(self.ctx.num_classes))}
-        return out
-
     def aggregate(self, uploads: dict[int, Payload], round_index: int) -> None:
         reps, labels = self.pairs(uploads)
-        batch = self.hp.server_batch_size or len(labels)
+        batch = {0: len(labels), -1: self.ctx.cfg.batch_size}.get(self.hp.server_batch_size, self.hp.server_batch_size)
+        if not self.hp.keep_server_optimizer:
+            self.optimizer = self.server_optimizer()
         params = list(self.header.parameters())
         self.header.train()
         for _ in range(self.hp.server_epochs):
@@ -157,6 +214,16 @@ class FedGH(Algorithm):
                 loss = F.cross_entropy(self.header(reps[idx]), labels[idx])
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if self.ctx.cfg.grad_clip > 0:
+                if self.hp.server_grad_clip and self.ctx.cfg.grad_clip > 0:
                     nn.utils.clip_grad_norm_(params, self.ctx.cfg.grad_clip, foreach=True)
                 self.optimizer.step()
+
+    def after_aggregation_payload(self, client, round_index: int) -> Payload | None:
+        return state_payload(self.header) if self.hp.eval_header == "global" else None
+
+    def receive_after_aggregation(self, client, payload: Payload, round_index: int) -> None:
+        load_payload(client.state["model"].header, payload)
+
+    def predict(self, client, x):
+        """The client's own model: its extractor and the header it holds (its trained copy, or the broadcast H)."""
+        return client.state["model"](x)

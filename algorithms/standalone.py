@@ -1,4 +1,5 @@
-"""Standalone: each client trains only its own model; nothing is shared (the lower reference point)."""
+"""Standalone: each client trains only its own model with CE; nothing is shared (the lower reference point).
+Every sampled client trains E epochs per round and is evaluated with its model after that training."""
 from __future__ import annotations
 
 import torch.nn.functional as F
@@ -26,3 +27,7 @@ class Standalone(Algorithm):
         models = [c.state["model"].train() for c in clients]
         self.ctx.train_many(clients, models, self.ctx.cfg.local_epochs, phase="local")
         return {c.id: {} for c in clients}
+
+    def predict(self, client, x):
+        """The client's own model, as it stands after its latest local training."""
+        return client.state["model"](x)

@@ -1,98 +1,370 @@
-"""FedGH: server-trained global header from per-class mean representations."""
+"""FedGH: a global header H trained on the server from the clients' per-class mean representations.
+
+The mechanism tests run on a tiny model (flatten -> linear -> BatchNorm -> ReLU -> header) put in place of
+the model zoo, so every step can be recomputed here by hand with plain torch ops: the client's SGD step
+from the downloaded H, its uploaded class means, the server's header training, and what is evaluated."""
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
-import torch.nn.functional as F
+from torch import nn
 
-from algorithms.fedgh import FedGH
+import bench.simulator as simulator
+from algorithms.fedgh import FedGH, class_id_dtype
 from bench.accounting import payload_bytes, transmit
-from bench.config import RunConfig
 from bench.errors import UserError
-from bench.runner import client_splits
-from bench.simulator import Simulation
-from data import DeviceData, synthetic_dataset
+from models.cnn import SplitModel
+from tests.conftest import make_hand_simulation, make_simulation
 
 CPU = torch.device("cpu")
-
+REP = 6  # the tiny model's representation size
+BN_EPS, BN_MOMENTUM = 1e-5, 0.1  # BatchNorm1d's defaults
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def make_sim(num_clients=5, rounds=2, classes=10, partition="label-skew", hp=None, **cfg_kw):
-    cfg = RunConfig(algorithms=["fedgh"], dataset="synthetic", num_clients=num_clients, rounds=rounds,
-                    batch_size=32, device="cpu", partition=partition, algo={"fedgh": hp or {}}, **cfg_kw)
-    ds = synthetic_dataset(num_classes=classes, train_size=600, test_size=100, seed=0)
-    data = DeviceData(ds, CPU, augment=cfg.augment)
-    return Simulation(cfg, FedGH, 0, data, client_splits(cfg, ds, 0, CPU), CPU)
+class Tiny(SplitModel):
+    """x -> ReLU(BN(W x + b)) -> header (without BN when batchnorm=False: batched training needs no buffers)."""
+
+    def __init__(self, num_classes: int, in_channels: int = 3, image_size: int = 32, batchnorm: bool = True):
+        super().__init__()
+        norm = [nn.BatchNorm1d(REP)] if batchnorm else []
+        self.extractor = nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size * image_size, REP),
+                                       *norm, nn.ReLU())
+        self.header = nn.Linear(REP, num_classes)
 
 
-def local_round(sim, round_index=0):
-    """Every client's download, training and upload, as the simulator does it (without aggregating)."""
-    uploads = {}
-    for client in sim.clients:
-        payload, _ = transmit(sim.algo.server_payload(client, round_index), CPU)
-        uploads[client.id], _ = transmit(sim.algo.client_update(client, payload, round_index), CPU)
-    return uploads
+def use_tiny(monkeypatch, batchnorm: bool = True) -> None:
+    """Every model the simulator builds from now on (in this test) is a Tiny."""
+    monkeypatch.setattr(simulator, "build_model", lambda arch, k, c=3, s=32: Tiny(k, c, s, batchnorm))
 
 
-def test_server_header_trains_and_lowers_the_loss_on_the_uploads():
-    sim = make_sim()
-    algo = sim.algo
-    uploads = local_round(sim)
-    before = {k: v.clone() for k, v in algo.header.state_dict().items()}
-    loss_before = algo.server_loss(uploads)
-    optimizer = algo.optimizer
-    algo.aggregate(uploads, 0)
-    assert not torch.equal(before["weight"], algo.header.weight.detach())
-    assert algo.server_loss(uploads) < loss_before
-    # The server's own optimizer was stepped, and it persists across rounds (momentum kept).
-    assert algo.optimizer is optimizer
-    assert all("momentum_buffer" in optimizer.state[p] for p in algo.header.parameters())
-    algo.aggregate(local_round(sim, 1), 1)
-    assert algo.optimizer is optimizer
+@pytest.fixture
+def tiny(monkeypatch):
+    use_tiny(monkeypatch)
 
 
-@pytest.mark.parametrize("server_batch_size", [0, 4])
-def test_server_batching_options_train(server_batch_size):
-    sim = make_sim(hp={"server_batch_size": server_batch_size, "server_epochs": 3})
-    uploads = local_round(sim)
-    loss_before = sim.algo.server_loss(uploads)
-    sim.algo.aggregate(uploads, 0)
-    assert sim.algo.server_loss(uploads) < loss_before
+def make_sim(**kwargs):
+    return make_hand_simulation("fedgh", **kwargs)
 
 
-def test_uploads_are_exact_class_means_of_the_trained_extractor():
-    sim = make_sim()
-    client = sim.clients[0]
-    upload = sim.algo.client_update(client, sim.algo.server_payload(client, 0), 0)
-    model = client.state["model"].eval()
+# ---- the hand computations ------------------------------------------------------------------------------------
+
+def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def pre_bn(p, x):
+    return x.reshape(len(x), -1) @ p["extractor.1.weight"].T + p["extractor.1.bias"]
+
+
+def features(p, x, bn_mode: str = "eval"):
+    """The tiny extractor by hand; BatchNorm with the batch's statistics ("train") or the running ones."""
+    h = pre_bn(p, x)
+    if "extractor.2.running_mean" not in p:
+        return h.clamp_min(0)
+    if bn_mode == "train":
+        mean, var = h.mean(0), h.var(0, unbiased=False)
+    else:
+        mean, var = p["extractor.2.running_mean"], p["extractor.2.running_var"]
+    h = (h - mean) / torch.sqrt(var + BN_EPS) * p["extractor.2.weight"] + p["extractor.2.bias"]
+    return h.clamp_min(0)
+
+
+def logits(p, x, bn_mode: str = "eval"):
+    return features(p, x, bn_mode) @ p["header.weight"].T + p["header.bias"]
+
+
+def cross_entropy(z, y, reduction="mean"):
+    per_sample = torch.logsumexp(z, 1) - z[torch.arange(len(y)), y]
+    return per_sample.mean() if reduction == "mean" else per_sample.sum()
+
+
+def sgd_step(p, names, loss_fn, lr, weight_decay, clip, buffers=None, momentum=0.0):
+    """One SGD step on p[names]: gradient of loss_fn, global-norm clipping (clip > 0), weight decay, momentum
+    (buffers: the previous step's, None for a fresh optimizer). Returns (new p, new buffers)."""
+    leaves = {k: p[k].clone().requires_grad_(True) for k in names}
+    grads = torch.autograd.grad(loss_fn({**p, **leaves}), [leaves[k] for k in names])
+    coef = 1.0
+    if clip > 0:
+        norm = float(torch.sqrt(sum((g ** 2).sum() for g in grads)))
+        coef = min(1.0, clip / (norm + 1e-6))
+    steps = [coef * g + weight_decay * p[k] for k, g in zip(names, grads)]
+    if buffers is not None:
+        steps = [momentum * b + s for b, s in zip(buffers, steps)]
+    return {**p, **{k: p[k] - lr * s for k, s in zip(names, steps)}}, steps
+
+
+def trainable(p) -> list[str]:
+    return [k for k in p if "running_" not in k and "num_batches" not in k]
+
+
+def client_step(p, x, y, cfg):
+    """One local step of a client (fresh SGD, whole model, CE, BatchNorm in train mode), with the running
+    statistics that step's forward leaves."""
+    new, _ = sgd_step(p, trainable(p), lambda q: cross_entropy(logits(q, x, "train"), y), cfg.lr, cfg.weight_decay,
+                      cfg.grad_clip)
+    if "extractor.2.running_mean" in p:
+        h = pre_bn(p, x)
+        new["extractor.2.running_mean"] = ((1 - BN_MOMENTUM) * p["extractor.2.running_mean"]
+                                           + BN_MOMENTUM * h.mean(0))
+        new["extractor.2.running_var"] = ((1 - BN_MOMENTUM) * p["extractor.2.running_var"]
+                                          + BN_MOMENTUM * h.var(0, unbiased=True))
+        new["extractor.2.num_batches_tracked"] = p["extractor.2.num_batches_tracked"] + 1
+    return new
+
+
+def with_header(p, header):
+    return {**p, "header.weight": header["weight"], "header.bias": header["bias"]}
+
+
+def class_means(h, y):
+    """(sorted classes present in y, the mean row of h for each)."""
+    classes = torch.unique(y)
+    return classes, torch.stack([h[y == c].mean(0) for c in classes])
+
+
+def train_split(sim, client):
     idx = client.split.train
+    return sim.ctx.data.normalise(sim.ctx.data.x_train[idx]), sim.ctx.data.y_train[idx]  # no augmentation
+
+
+def server_training(header, rounds, hp, seed, run_batch, grad_clip):
+    """The server's header training by hand over several rounds of uploads: CE on the (rep, class) pairs in
+    client-id order, permuted by a generator seeded once with seed*1000+3, SGD with momentum."""
+    generator = torch.Generator().manual_seed(seed * 1000 + 3)
+    p, buffers = {"weight": header["weight"], "bias": header["bias"]}, None
+    for uploads in rounds:
+        ids = sorted(uploads)
+        reps = torch.cat([uploads[i]["reps"] for i in ids])
+        labels = torch.cat([uploads[i]["classes"].long() for i in ids])
+        batch = {0: len(labels), -1: run_batch}.get(hp["server_batch_size"], hp["server_batch_size"])
+        if not hp["keep_server_optimizer"]:
+            buffers = None
+        for _ in range(hp["server_epochs"]):
+            order = torch.randperm(len(labels), generator=generator)
+            for start in range(0, len(labels), batch):
+                idx = order[start:start + batch]
+                p, buffers = sgd_step(p, ["weight", "bias"],
+                                      lambda q: cross_entropy(reps[idx] @ q["weight"].T + q["bias"], labels[idx]),
+                                      hp["server_lr"], hp["server_weight_decay"],
+                                      grad_clip if hp["server_grad_clip"] else 0.0, buffers, hp["server_momentum"])
+    return p
+
+
+def record_train_batches(monkeypatch, data):
+    """Spy on data.train_batches: a list with one list of (x, y) batches per call."""
+    calls = []
+    original = data.train_batches
+
+    def spy(idx, batch_size, generator):
+        batches = []
+        calls.append(batches)
+        for x, y in original(idx, batch_size, generator):
+            batches.append((x.clone(), y.clone()))
+            yield x, y
+
+    monkeypatch.setattr(data, "train_batches", spy)
+    return calls
+
+
+def evaluation_by_hand(sim, client, p):
+    """(correct, summed CE) of the tiny model p in eval mode on the client's test split."""
+    idx = client.split.test
+    x, y = sim.ctx.data.normalise(sim.ctx.data.x_test[idx]), sim.ctx.data.y_test[idx]
+    z = logits(p, x, "eval")
+    return int((z.argmax(1) == y).sum()), float(cross_entropy(z, y, "sum"))
+
+
+# ---- the client ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("many", [False, True])  # client_update, or client_update_many (batched_training)
+def test_client_loads_h_trains_the_whole_model_with_ce_and_uploads_exact_class_means(tiny, monkeypatch, many):
+    sim = make_sim(batch_size=64, lr=0.5)  # one batch per client: exactly one SGD step
+    algo, client = sim.algo, sim.clients[2]
     with torch.no_grad():
-        x = sim.ctx.data.normalise(sim.ctx.data.x_train[idx])  # no augmentation
-        h = model.extractor(x)
-    y = sim.ctx.data.y_train[idx]
-    expected_classes = torch.unique(y)
-    assert torch.equal(upload["classes"].long(), expected_classes)
+        algo.header.weight.normal_()  # H unlike the client's own header
+    own, header = snapshot(client.state["model"]), snapshot(algo.header)
+    calls = record_train_batches(monkeypatch, sim.ctx.data)
+    payload, _ = transmit(algo.server_payload(client, 0), CPU)  # round index 0: H is sent by default
+    if many:
+        upload, _ = transmit(algo.client_update_many([client], {client.id: payload}, 0)[client.id], CPU)
+    else:
+        upload, _ = transmit(algo.client_update(client, payload, 0), CPU)
+
+    assert len(calls) == 1 and len(calls[0]) == 1  # one training pass of one batch, nothing else augmented
+    x, y = calls[0][0]
+    expected = client_step(with_header(own, header), x, y, sim.cfg)
+    trained = snapshot(client.state["model"])
+    for name, value in expected.items():
+        torch.testing.assert_close(trained[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+    classes, means = class_means(features(expected, train_split(sim, client)[0], "eval"), train_split(sim, client)[1])
     assert upload["classes"].dtype == torch.uint8
-    assert upload["reps"].dtype == torch.float32 and upload["reps"].shape == (len(expected_classes), 500)
-    for row, c in enumerate(expected_classes):
-        torch.testing.assert_close(upload["reps"][row], h[y == c].mean(0), rtol=1e-5, atol=1e-5)
+    assert torch.equal(upload["classes"].long(), classes)
+    assert upload["reps"].dtype == torch.float32
+    torch.testing.assert_close(upload["reps"], means, rtol=1e-5, atol=1e-6)
 
 
-def test_client_loads_the_global_header_before_training(monkeypatch):
-    sim = make_sim()
-    algo, client = sim.algo, sim.clients[3]
-    with torch.no_grad():
-        algo.header.weight.add_(1.0)  # make H distinguishable from any client's own header
-    monkeypatch.setattr(sim.ctx, "train", lambda *args, **kwargs: torch.zeros(()))
-    algo.client_update(client, transmit(algo.server_payload(client, 0), CPU)[0], 0)
-    assert torch.equal(client.state["model"].header.weight, algo.header.weight)
-    assert torch.equal(client.state["model"].header.bias, algo.header.bias)
+def test_without_initial_header_round_zero_trains_from_the_clients_own_header(tiny, monkeypatch):
+    sim = make_sim(batch_size=64, lr=0.5, hp={"load_initial_header": False})
+    algo, client = sim.algo, sim.clients[1]
+    assert algo.server_payload(client, 0) == {}
+    own = snapshot(client.state["model"])
+    calls = record_train_batches(monkeypatch, sim.ctx.data)
+    algo.client_update(client, {}, 0)
+    x, y = calls[0][0]
+    expected = client_step(own, x, y, sim.cfg)
+    torch.testing.assert_close(snapshot(client.state["model"])["header.weight"], expected["header.weight"],
+                               rtol=1e-5, atol=1e-6)
+    payload = algo.server_payload(client, 1)  # from round index 1 on, H is sent
+    assert all(torch.equal(payload[k], v) for k, v in snapshot(algo.header).items())
 
+
+def test_batch_mean_representations_are_means_of_per_batch_class_means_over_augmented_batches(tiny, monkeypatch):
+    sim = make_sim(batch_size=4, hp={"representation": "batch-mean"})
+    algo, client = sim.algo, sim.clients[4]  # 14 samples: batches of 4, 4, 4, 2
+    calls = record_train_batches(monkeypatch, sim.ctx.data)
+    upload = algo.client_update(client, algo.server_payload(client, 0), 0)
+    assert len(calls) == 2 and len(calls[1]) == 4  # training, then one more pass over augmented batches
+    p = snapshot(client.state["model"])
+    sums: dict[int, torch.Tensor] = {}
+    batches: dict[int, int] = {}
+    for x, y in calls[1]:
+        for c, mean in zip(*class_means(features(p, x, "eval"), y)):
+            sums[int(c)] = sums.get(int(c), 0) + mean
+            batches[int(c)] = batches.get(int(c), 0) + 1
+    classes = sorted(sums)
+    assert upload["classes"].tolist() == classes
+    expected = torch.stack([sums[c] / batches[c] for c in classes])
+    torch.testing.assert_close(upload["reps"], expected, rtol=1e-5, atol=1e-6)
+    # Guard: here the mean of batch means is not the exact mean of the augmented samples.
+    x_all, y_all = (torch.cat(t) for t in zip(*calls[1]))
+    assert not torch.allclose(class_means(features(p, x_all, "eval"), y_all)[1], expected, atol=1e-4)
+
+
+def test_class_id_dtype_is_the_smallest_that_holds_the_ids():
+    assert class_id_dtype(10) == class_id_dtype(256) == torch.uint8
+    assert class_id_dtype(257) == class_id_dtype(32768) == torch.int16
+    assert class_id_dtype(32769) == torch.int32
+
+
+# ---- the server -------------------------------------------------------------------------------------------------
+
+def uploads_of(rounds: int, seed: int = 1):
+    """Made-up uploads: per round, three clients with 2-3 classes each (uint8 ids, as sent)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(rounds):
+        out.append({cid: {"reps": torch.rand(len(cls), REP, generator=g) * 3,
+                          "classes": torch.tensor(cls, dtype=torch.uint8)}
+                    for cid, cls in ((0, [0, 1]), (2, [3, 7, 9]), (3, [1, 5]))})
+    return out
+
+
+SERVER_CASES = [
+    {},  # SPEC: one step per pair, lr 0.01, momentum 0.9, one epoch
+    {"server_batch_size": 3, "server_epochs": 2, "server_lr": 0.3, "server_momentum": 0.5,
+     "server_weight_decay": 0.05},
+    {"server_batch_size": 0, "server_lr": 0.5},
+    {"server_batch_size": -1, "server_lr": 0.5},  # the run's batch_size (4 here)
+    {"keep_server_optimizer": False, "server_batch_size": 2, "server_lr": 0.2},
+    {"server_grad_clip": False, "server_batch_size": 2, "server_lr": 0.2},
+]
+
+
+@pytest.mark.parametrize("hp", SERVER_CASES)
+def test_server_trains_h_by_hand_over_two_rounds(tiny, hp):
+    sim = make_sim(batch_size=4, grad_clip=0.3, hp=hp)  # a clip small enough to act
+    algo = sim.algo
+    initial = snapshot(algo.header)
+    rounds = uploads_of(2)
+    full_hp = {**vars(FedGH.make_hparams()), **hp}
+    for r, uploads in enumerate(rounds):
+        algo.aggregate(uploads, r)
+        expected = server_training(initial, rounds[:r + 1], full_hp, 0, 4, 0.3)
+        for name in ("weight", "bias"):
+            torch.testing.assert_close(snapshot(algo.header)[name], expected[name], rtol=1e-5, atol=1e-6)
+    if hp.get("server_grad_clip", True):  # guard: the clip acted, so leaving it out would be seen
+        no_clip = server_training(initial, rounds, {**full_hp, "server_grad_clip": False}, 0, 4, 0.3)
+        assert not torch.allclose(no_clip["weight"], algo.header.weight.detach(), atol=1e-4)
+
+
+def test_spec_server_defaults():
+    hp = FedGH.make_hparams()
+    assert (hp.server_lr, hp.server_momentum, hp.server_weight_decay, hp.server_epochs, hp.server_batch_size) == \
+        (0.01, 0.9, 0.0, 1, 1)
+    assert hp.keep_server_optimizer and hp.server_grad_clip and hp.load_initial_header
+    assert (hp.representation, hp.eval_header) == ("exact", "local")
+
+
+def test_a_round_broadcasts_the_header_trained_on_that_rounds_uploads(tiny):
+    sim = make_sim(grad_clip=0.3)
+    initial = snapshot(sim.algo.header)
+    captured = {}
+    aggregate = sim.algo.aggregate
+    sim.algo.aggregate = lambda uploads, r: (captured.update(uploads), aggregate(uploads, r))
+    sim.run_round(0)
+    expected = server_training(initial, [captured], vars(FedGH.make_hparams()), 0, 32, 0.3)
+    payload = sim.algo.server_payload(sim.clients[0], 1)
+    assert set(payload) == {"weight", "bias"}
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(payload[name], expected[name], rtol=1e-5, atol=1e-6)
+
+
+# ---- evaluation ---------------------------------------------------------------------------------------------
+
+def test_every_sampled_client_is_evaluated_after_training_with_its_own_model(tiny):
+    sim = make_sim(batch_size=64)
+    sim.run_round(0)
+    header = snapshot(sim.algo.header)
+    for client in sim.clients:
+        p = snapshot(client.state["model"])  # the model as trained in this round
+        correct, loss = evaluation_by_hand(sim, client, p)
+        assert sim.test_evals[client.id].correct == correct
+        assert sim.test_evals[client.id].loss == pytest.approx(loss, rel=1e-5)
+        with_h = evaluation_by_hand(sim, client, with_header(p, header))[1]
+        assert sim.test_evals[client.id].loss != pytest.approx(with_h, rel=1e-3)  # guard: H gives another loss
+
+
+def test_global_eval_header_broadcasts_h_to_every_client_and_evaluates_all(tiny):
+    sim = make_sim(participation=0.4, hp={"eval_header": "global"})  # 2 of 5 clients train per round
+    h_bytes = 4 * (REP * 10 + 10)
+    first = sim.run_round(0)
+    header = snapshot(sim.algo.header)
+    assert first["bytes_down"] == 2 * h_bytes + 5 * h_bytes  # round 0's H to the trained two, then the broadcast
+    for client in sim.clients:
+        p = snapshot(client.state["model"])
+        assert torch.equal(p["header.weight"], header["weight"]) and torch.equal(p["header.bias"], header["bias"])
+        correct, loss = evaluation_by_hand(sim, client, p)
+        assert sim.test_evals[client.id].correct == correct
+        assert sim.test_evals[client.id].loss == pytest.approx(loss, rel=1e-5)
+    assert sim.algo.server_payload(sim.clients[0], 1) == {}  # every client already holds the current H
+    assert sim.run_round(1)["bytes_down"] == 5 * h_bytes
+
+
+def test_step_zero_evaluation_runs_in_eval_mode_on_a_batchnorm_group():
+    sim = make_hand_simulation("fedgh", model_group="resnet18-homo", num_clients=2, rounds=1)
+    models = [c.state["model"].train() for c in sim.clients]
+    before = [snapshot(m) for m in models]
+    sim.initial_metrics()
+    for client, model, old in zip(sim.clients, models, before):
+        new = snapshot(model)
+        assert all(torch.equal(old[k], new[k]) for k in old), "evaluation changed a BatchNorm statistic"
+        assert all(m.training for m in model.modules())  # flags restored
+        x, y = next(sim.ctx.data.eval_batches("test", client.split.test, 10_000))
+        with torch.no_grad():
+            z = model.eval()(x)
+        model.train()
+        assert sim.test_evals[client.id].loss == pytest.approx(float(cross_entropy(z, y, "sum")), rel=1e-5)
+
+
+# ---- costs, options, profiles -----------------------------------------------------------------------------------
 
 def test_bytes_per_round():
-    sim = make_sim()
+    sim = make_simulation("fedgh")
     metrics = sim.run_round(0)
     classes_held = [len(torch.unique(sim.ctx.data.y_train[c.split.train])) for c in sim.clients]
     assert metrics["bytes_down"] == len(sim.clients) * 4 * (500 * 10 + 10)
@@ -101,19 +373,20 @@ def test_bytes_per_round():
     assert metrics["train_flops"] > 0
 
 
-def test_round_zero_without_initial_header_downloads_nothing():
+def test_round_zero_without_initial_header_downloads_nothing(tiny):
     sim = make_sim(hp={"load_initial_header": False})
     assert sim.run_round(0)["bytes_down"] == 0
-    assert sim.run_round(1)["bytes_down"] == len(sim.clients) * 4 * (500 * 10 + 10)
+    assert sim.run_round(1)["bytes_down"] == len(sim.clients) * 4 * (REP * 10 + 10)
 
 
 def test_hundred_classes_download():
-    sim = make_sim(classes=100, partition="iid")
+    sim = make_simulation("fedgh", num_classes=100, partition="iid")
     assert payload_bytes(sim.algo.server_payload(sim.clients[0], 0)) == 4 * (500 * 100 + 100)
 
 
-def test_representation_flops_are_client_training_flops():
-    sim = make_sim()
+@pytest.mark.parametrize("representation", ["exact", "batch-mean"])
+def test_representation_flops_are_client_training_flops(tiny, representation):
+    sim = make_sim(hp={"representation": representation})
     client = sim.clients[0]
     before = sim.accountant.by_client[client.id]
     sim.algo.representations(client)
@@ -121,17 +394,30 @@ def test_representation_flops_are_client_training_flops():
     assert sim.accountant.totals["eval"] == 0
 
 
-@pytest.mark.parametrize("bad", [{"server_lr": 0.0}, {"server_epochs": 0}, {"server_batch_size": -1}])
+def test_profiles_select_the_reference_options():
+    official = make_simulation("fedgh", profile="official")
+    assert official.algo.server_payload(official.clients[0], 0) == {}  # no download in round 0
+    assert official.algo.hp.representation == "batch-mean"
+    htfllib = make_simulation("fedgh", profile="htfllib", algo={"fedgh": {"server_epochs": 2}})
+    hp = htfllib.algo.hp
+    assert (hp.server_epochs, hp.server_batch_size, hp.server_momentum) == (2, -1, 0.0)  # the user's value wins
+    assert not hp.keep_server_optimizer and not hp.server_grad_clip
+    assert htfllib.algo.broadcast_after_aggregation and htfllib.algo.prediction_uses_server_state
+    assert FedGH.profiles["htfllib"]["server_epochs"] == 100
+    spec = make_simulation("fedgh")
+    assert not spec.algo.broadcast_after_aggregation and spec.algo.hp == FedGH.make_hparams()
+
+
+@pytest.mark.parametrize("bad", [{"server_lr": 0.0}, {"server_epochs": 0}, {"server_batch_size": -2},
+                                 {"representation": "mean"}, {"eval_header": "server"}, {"server_grad_clip": 1}])
 def test_bad_hyperparameters(bad):
     with pytest.raises(UserError):
         FedGH.make_hparams(bad)
 
 
-def test_prediction_is_the_clients_own_model():
-    sim = make_sim()
-    sim.run_round(0)
-    client = sim.clients[1]
-    x = sim.ctx.data.normalise(sim.ctx.data.x_test[:8])
-    with torch.no_grad():
-        torch.testing.assert_close(sim.algo.predict(client, x), client.state["model"](x))
-    assert F.softmax(sim.algo.predict(client, x), 1).shape == (8, 10)
+def test_end_to_end_metrics_are_finite():
+    sim = make_simulation("fedgh", profile="htfllib", algo={"fedgh": {"server_epochs": 2}})
+    sim.initial_metrics()
+    for r in range(2):
+        metrics = sim.run_round(r)
+    assert math.isfinite(metrics["train_loss"]) and 0.0 <= metrics["acc_mean"] <= 1.0

@@ -1,0 +1,48 @@
+"""Mutations of FedAvg's mechanisms (benchmarks/mutation_check.py); each must make tests/test_fedavg.py fail."""
+from benchmarks.mutation_check import Mutation
+
+F = "algorithms/fedavg.py"
+T = ("tests/test_fedavg.py",)
+
+MUTATIONS = [
+    Mutation(name="fedavg: skip loading the downloaded global model", file=F,
+             old="        load_payload(model, payload)\n", new="", tests=T),
+    Mutation(name="fedavg: client loss with label smoothing instead of plain CE", file=F,
+             old="lambda x, y: F.cross_entropy(model(x), y)",
+             new="lambda x, y: F.cross_entropy(model(x), y, label_smoothing=0.1)", tests=T),
+    Mutation(name="fedavg: one extra local epoch", file=F,
+             old="F.cross_entropy(model(x), y), self.ctx.cfg.local_epochs,",
+             new="F.cross_entropy(model(x), y), self.ctx.cfg.local_epochs + 1,", tests=T),
+    Mutation(name="fedavg: batched path skips local training", file=F,
+             old='self.ctx.train_many(clients, models, self.ctx.cfg.local_epochs, phase="local")',
+             new='self.ctx.train_many(clients, models, 0, phase="local")', tests=T),
+    Mutation(name="fedavg: batched path uploads the downloaded model", file=F,
+             old="return {c.id: state_payload(model) for c, model in zip(clients, models)}",
+             new="return {c.id: payloads[c.id] for c in clients}", tests=T),
+    Mutation(name="fedavg: client uploads only its header", file=F,
+             old="        return state_payload(model)\n\n    def client_update_many",
+             new='        return state_payload(model.header, "header.")\n\n    def client_update_many', tests=T),
+    Mutation(name="fedavg: always n_k-weighted (aggregation ignored)", file=F,
+             old="aggregation_weights(self.ctx, self.hp.aggregation)", new="self.ctx.client_weights", tests=T),
+    Mutation(name="fedavg: always uniform (aggregation ignored)", file=F,
+             old="aggregation_weights(self.ctx, self.hp.aggregation)", new='aggregation_weights(self.ctx, "uniform")',
+             tests=T),
+    Mutation(name="fedavg: uniform by default", file=F,
+             old='    aggregation: str = "samples"', new='    aggregation: str = "uniform"', tests=T),
+    Mutation(name="fedavg: the average is not loaded into the global model", file=F,
+             old="load_payload(self.global_model, weighted_average(",
+             new="(self.global_model, weighted_average(", tests=T),
+    Mutation(name="fedavg: 'global' evaluates each client's local model", file=F,
+             old='(self.global_model if self.hp.eval_model == "global" else client.state["model"])',
+             new='client.state["model"]', tests=T),
+    Mutation(name="fedavg: 'local' evaluates the global model", file=F,
+             old='(self.global_model if self.hp.eval_model == "global" else client.state["model"])',
+             new="self.global_model", tests=T),
+    Mutation(name="fedavg: prediction in training mode", file=F,
+             old='client.state["model"])(x)', new='client.state["model"]).train()(x)', tests=T),
+    Mutation(name="fedavg: 'global' evaluates only the sampled clients", file=F,
+             old='self.prediction_uses_server_state = hp.eval_model == "global"',
+             new="self.prediction_uses_server_state = False", tests=T),
+    Mutation(name="fedavg: homogeneous groups not required", file=F,
+             old="    homogeneous_only = True", new="    homogeneous_only = False", tests=T),
+]
