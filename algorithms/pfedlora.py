@@ -1,18 +1,29 @@
 """pFedLoRA (arXiv 2310.13283): a private heterogeneous model F_k plus a small homogeneous low-rank
 adapter G(theta); only the adapter is federated. Prediction: F_k(x) + G(x) (see models/adapters.py for
-the three placements). Each round the client (1) freezes the adapter and trains F_k, then (2) freezes F_k
-and trains the adapter, both on CE(F_k + G, y), and uploads the adapter; the server averages (weighted
-by n_k)."""
+the three placements). Each round the client loads the global adapter, (1) freezes the adapter and trains
+F_k, then (2) freezes F_k and trains the adapter, both on CE(F_k + G, y), and uploads the adapter; the
+server averages (weighted by n_k).
+
+Options beyond the SPEC (defaults = SPEC): `phase1_mix` (pFedES's mu-mixed local loss in phase 1),
+`inference` (F_k + G, or F_k alone as pFedES deploys), `persistent_optimizer` (the adapter's SGD momentum
+kept across rounds, as the authors' sibling codes keep their shared module's optimizer), `aggregation`
+(n_k-weighted or uniform). No pFedLoRA code was released; the fidelity notes give the sources."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
+import torch
 import torch.nn.functional as F
 
-from algorithms.base import Algorithm, Payload, load_payload, state_payload, weighted_average
+from algorithms.base import (Algorithm, Payload, aggregation_weights, check_aggregation, load_payload,
+                             state_payload, weighted_average)
 from bench.errors import UserError
 from bench.registry import register
-from models.adapters import A_INITS, PLACEMENTS, LoRAAdapter, personalised_logits
+from models.adapters import A_INITS, PLACEMENTS, LoRAAdapter, local_and_personalised_logits, personalised_logits
+
+INFERENCES = ("sum", "local")
+PERSISTENCE = ("none", "client", "shared")
 
 
 @dataclass
@@ -23,7 +34,13 @@ class PFedLoRAHyperparams:
     adapter_epochs: int = 0      # E_adapter, phase 2; 0 means the run's local_epochs (E)
     training: str = "iterative"  # iterative: phase 1 then phase 2; joint: F_k and G together (ablation)
     a_init: str = "kaiming"      # init of A (B always starts at zero)
-    eval_phase1: bool = True     # also log test accuracy after phase 1 (acc_phase1)
+    eval_phase1: bool = True     # also log the sampled clients' test accuracy after phase 1 and after phase 2
+                                 # (acc_phase1_sampled, acc_phase2_sampled; iterative training only)
+    phase1_mix: float = 0.0      # mu: phase 1 loss (1-mu) CE(F_k+G) + mu CE(F_k), pFedES's mixing; 0 = SPEC
+    inference: str = "sum"       # sum: predict F_k + G (SPEC); local: F_k alone (pFedES deploys the local model)
+    persistent_optimizer: str = "none"  # the adapter's SGD momentum: none = new every round (SPEC); client = kept
+                                        # by each client; shared = one carried from client to client (sibling codes)
+    aggregation: str = "samples"  # samples: n_k-weighted mean of the adapters (SPEC); uniform: plain mean
 
     def validate(self) -> None:
         if self.placement not in PLACEMENTS:
@@ -35,6 +52,16 @@ class PFedLoRAHyperparams:
         if self.rank < 1 or self.local_epochs < 0 or self.adapter_epochs < 0:
             raise UserError("pfedlora.rank must be >= 1 and pfedlora.local_epochs/adapter_epochs >= 0 "
                             "(0 = the run's local_epochs)")
+        if not 0.0 <= self.phase1_mix <= 1.0:
+            raise UserError(f"pfedlora.phase1_mix must be in [0, 1], got {self.phase1_mix}")
+        if self.phase1_mix and self.training != "iterative":
+            raise UserError("pfedlora.phase1_mix mixes phase 1's loss and needs training='iterative'")
+        if self.inference not in INFERENCES:
+            raise UserError(f"pfedlora.inference must be one of {', '.join(INFERENCES)}, got {self.inference!r}")
+        if self.persistent_optimizer not in PERSISTENCE:
+            raise UserError(f"pfedlora.persistent_optimizer must be one of {', '.join(PERSISTENCE)}, "
+                            f"got {self.persistent_optimizer!r}")
+        check_aggregation("pfedlora", self.aggregation)
 
 
 @register
@@ -43,6 +70,12 @@ class PFedLoRA(Algorithm):
     server_flops_by_upload_shapes = True
     description = "private model + federated low-rank adapter, trained alternately (the paper's method)"
     Hyperparams = PFedLoRAHyperparams
+    profiles: ClassVar[dict[str, dict[str, Any]]] = {
+        # No pFedLoRA code is released: "official" takes what the authors' sibling codes (pFedES, pFedAFM,
+        # FedMRL) share, i.e. one SGD optimizer for the shared module created once for the whole run.
+        "official": {"persistent_optimizer": "shared"},
+        "htfllib": {},  # HtFLlib has no pFedLoRA: SPEC defaults
+    }
 
     def epochs(self) -> tuple[int, int]:
         return phase_epochs(self.hp, self.ctx.cfg.local_epochs)
@@ -52,7 +85,7 @@ class PFedLoRA(Algorithm):
         e_local, e_adapter = phase_epochs(hp, cfg.local_epochs)
         if hp.training == "joint":
             return 1.2 * e_local / cfg.local_epochs
-        return (e_local + 1.2 * e_adapter) / cfg.local_epochs  # phase 2 backpropagates through the frozen F_k too
+        return (e_local + 1.2 * e_adapter) / cfg.local_epochs  # phase 2 also runs F_k's forward
 
     def __init__(self, ctx, hp):
         super().__init__(ctx, hp)
@@ -69,45 +102,95 @@ class PFedLoRA(Algorithm):
 
     def init_server(self) -> None:
         self.global_adapter = self.new_adapter()
+        if self.hp.persistent_optimizer == "shared":
+            self.adapter_momentum = zero_momentum(self.global_adapter)
 
     def init_client(self, client) -> None:
         client.state["model"] = self.ctx.build_model(client.arch)
         client.state["adapter"] = self.new_adapter()
+        if self.hp.persistent_optimizer == "client":
+            client.state["adapter_momentum"] = zero_momentum(client.state["adapter"])
 
     def server_payload(self, client, round_index: int) -> Payload:
         return state_payload(self.global_adapter)
 
+    def loss(self, model, adapter):
+        """CE(F_k(x) + G(x), y): the loss of both phases (and of joint training)."""
+        return lambda x, y: F.cross_entropy(personalised_logits(model, adapter, x), y)
+
+    def phase1_loss(self, model, adapter):
+        """Phase 1's loss: the SPEC's CE(F_k + G), or with phase1_mix = mu > 0
+        (1 - mu) CE(F_k + G) + mu CE(F_k)."""
+        mu = self.hp.phase1_mix
+        if not mu:
+            return self.loss(model, adapter)
+
+        def mixed(x, y):
+            local, both = local_and_personalised_logits(model, adapter, x)
+            return (1 - mu) * F.cross_entropy(both, y) + mu * F.cross_entropy(local, y)
+
+        return mixed
+
     def client_update(self, client, payload: Payload, round_index: int) -> Payload:
         model, adapter = client.state["model"], client.state["adapter"]
-        load_payload(adapter, payload)
-
-        def loss(x, y):
-            return F.cross_entropy(personalised_logits(model, adapter, x), y)
-
+        load_payload(adapter, payload)  # theta^t, the global adapter
         e_local, e_adapter = self.epochs()
         if self.hp.training == "joint":
             set_trainable(model, True)
             set_trainable(adapter, True)
-            self.ctx.train(client, [model, adapter], loss, e_local, phase="joint")
+            self.train(client, [model, adapter], self.loss(model, adapter), e_local, "joint")
         else:
             set_trainable(model, True)
             set_trainable(adapter, False)
-            self.ctx.train(client, [model], loss, e_local, phase="phase1-train-model")
-            if self.hp.eval_phase1:
-                correct, count, _ = self.ctx.evaluate(client, lambda x: self.predict(client, x), tag="eval-phase1")
-                self.ctx.record("acc_phase1", correct / max(count, 1), weight=count)
+            phase1 = "phase1-train-model" + ("-mix" if self.hp.phase1_mix else "")  # the mix adds F_k's own logits
+            self.train(client, [model], self.phase1_loss(model, adapter), e_local, phase1)
+            self.record_sampled(client, "acc_phase1_sampled", "eval-phase1")
             set_trainable(model, False)
             set_trainable(adapter, True)
-            self.ctx.train(client, [adapter], loss, e_adapter, phase="phase2-train-adapter")
+            self.train(client, [adapter], self.loss(model, adapter), e_adapter, "phase2-train-adapter")
+            self.record_sampled(client, "acc_phase2_sampled", "eval-phase2")
         set_trainable(model, True)
         set_trainable(adapter, True)
         return state_payload(adapter)
 
+    def train(self, client, trainable, loss, epochs: int, phase: str) -> None:
+        """ctx.train, except that under persistent_optimizer the adapter's SGD starts from its kept momentum
+        and keeps it."""
+        adapter = client.state["adapter"]
+        if self.hp.persistent_optimizer == "none" or all(m is not adapter for m in trainable):
+            self.ctx.train(client, trainable, loss, epochs, phase)
+            return
+        momentum = client.state["adapter_momentum"] if self.hp.persistent_optimizer == "client" \
+            else self.adapter_momentum
+        params, optimizers = self.ctx.optimizers_for(trainable)
+        i = next(i for i, m in enumerate(trainable) if m is adapter)
+        kept, opt = params[i], optimizers[i]
+        for p, buf in zip(kept, momentum.split([p.numel() for p in kept])):
+            opt.state[p]["momentum_buffer"] = buf.view_as(p).clone()
+        self.ctx.train(client, trainable, loss, epochs, phase, optimizers=(params, optimizers))
+        # a new tensor, not an in-place update: a checkpoint taken in memory may still share the old one
+        momentum = torch.cat([opt.state[p]["momentum_buffer"].flatten() for p in kept])
+        if self.hp.persistent_optimizer == "client":
+            client.state["adapter_momentum"] = momentum
+        else:
+            self.adapter_momentum = momentum
+
+    def record_sampled(self, client, name: str, tag: str) -> None:
+        """Test accuracy of a sampled client's current prediction, as the round metric `name` (eval_phase1):
+        over this round's sampled clients only, unlike acc_mean, which pools every client."""
+        if self.hp.eval_phase1:
+            correct, count, _ = self.ctx.evaluate(client, lambda x: self.predict(client, x), tag=tag)
+            self.ctx.record(name, correct / max(count, 1), weight=count)
+
     def client_update_many(self, clients, payloads, round_index: int) -> dict[int, Payload]:
         """Batched rounds: phase 1 for all clients (same-architecture F_k together, adapters as frozen
         partners), then phase 2 for all (every client's adapter in one stack, F_k as frozen partners).
-        Only the additive placement ("model") with iterative training; otherwise one client at a time."""
-        if self.hp.placement != "model" or self.hp.training != "iterative":
+        Only the additive placement ("model") with iterative training on the SPEC's losses and fresh
+        optimizers; any other setting trains one client at a time."""
+        hp = self.hp
+        unbatchable = (hp.placement != "model", hp.training != "iterative", hp.phase1_mix > 0,
+                       hp.persistent_optimizer != "none")
+        if any(unbatchable):
             return super().client_update_many(clients, payloads, round_index)
         models = [c.state["model"] for c in clients]
         adapters = [c.state["adapter"] for c in clients]
@@ -118,29 +201,38 @@ class PFedLoRA(Algorithm):
             set_trainable(model, True)
             set_trainable(adapter, False)
         self.ctx.train_many(clients, models, e_local, "phase1-train-model", partners=adapters)
-        if self.hp.eval_phase1:
-            for c in clients:
-                correct, count, _ = self.ctx.evaluate(c, lambda x, c=c: self.predict(c, x), tag="eval-phase1")
-                self.ctx.record("acc_phase1", correct / max(count, 1), weight=count)
+        for c in clients:
+            self.record_sampled(c, "acc_phase1_sampled", "eval-phase1")
         for model, adapter in zip(models, adapters):
             set_trainable(model, False)
             set_trainable(adapter, True)
         self.ctx.train_many(clients, adapters, e_adapter, "phase2-train-adapter", partners=models)
+        for c in clients:
+            self.record_sampled(c, "acc_phase2_sampled", "eval-phase2")
         for model, adapter in zip(models, adapters):
             set_trainable(model, True)
             set_trainable(adapter, True)
         return {c.id: state_payload(adapter) for c, adapter in zip(clients, adapters)}
 
     def aggregate(self, uploads: dict[int, Payload], round_index: int) -> None:
-        load_payload(self.global_adapter, weighted_average(uploads, self.ctx.client_weights))
+        weights = aggregation_weights(self.ctx, self.hp.aggregation)
+        load_payload(self.global_adapter, weighted_average(uploads, weights))
 
     def predict(self, client, x):
-        return personalised_logits(client.state["model"].eval(), client.state["adapter"].eval(), x)
+        if self.hp.inference == "local":
+            return client.state["model"](x)
+        return personalised_logits(client.state["model"], client.state["adapter"], x)
 
 
 def phase_epochs(hp: PFedLoRAHyperparams, run_epochs: int) -> tuple[int, int]:
     """(E_local, E_adapter); 0 in the hyper-parameters means the run's local_epochs (SPEC default)."""
     return hp.local_epochs or run_epochs, hp.adapter_epochs or run_epochs
+
+
+def zero_momentum(adapter) -> torch.Tensor:
+    """A zero SGD momentum buffer for the adapter's parameters, flattened: it steps exactly like a fresh
+    optimizer's first step (0 * momentum + d = d)."""
+    return torch.zeros(sum(p.numel() for p in adapter.parameters()), device=next(adapter.parameters()).device)
 
 
 def set_trainable(module, trainable: bool) -> None:

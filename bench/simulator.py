@@ -106,12 +106,15 @@ class RunContext:
     # ---- training ---------------------------------------------------------------------------------
     def train(self, client: Client, trainable: Sequence[nn.Module | Sequence[nn.Module]],
               loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], epochs: int, phase: str,
-              indices: torch.Tensor | None = None) -> torch.Tensor:
+              indices: torch.Tensor | None = None,
+              optimizers: tuple[list[list[nn.Parameter]], list[torch.optim.Optimizer]] | None = None
+              ) -> torch.Tensor:
         """Run `epochs` epochs of SGD over the client's training batches and return the mean loss (a tensor,
         so no host sync per batch). Each entry of `trainable` (a module or a list of modules) gets its own
         optimizer and its own gradient clipping; only parameters with requires_grad are trained.
-        `phase` names the computation for the FLOP cache (include anything that changes it)."""
-        params, optimizers = self.optimizers_for(trainable)
+        `phase` names the computation for the FLOP cache (include anything that changes it). `optimizers`:
+        the caller's own `optimizers_for(trainable)` (e.g. with momentum kept across rounds) instead of new ones."""
+        params, optimizers = optimizers if optimizers is not None else self.optimizers_for(trainable)
         idx = client.split.train if indices is None else indices
         loss_sum = torch.zeros((), device=self.device)
         seen = 0

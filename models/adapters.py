@@ -57,3 +57,16 @@ def personalised_logits(model: SplitModel, adapter: LoRAAdapter, x: torch.Tensor
         return model.header(model.extractor(x) + adapter(x))
     h = model.extractor(x)
     return model.header(h) + adapter(h)
+
+
+def local_and_personalised_logits(model: SplitModel, adapter: LoRAAdapter,
+                                  x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(F_k(x), F_k (+) G) with F_k's extractor run once (pFedLoRA's phase1_mix needs both)."""
+    if adapter.placement == "model":
+        local = model(x)
+        return local, local + adapter(x)
+    h = model.extractor(x)
+    local = model.header(h)
+    if adapter.placement == "representation":
+        return local, model.header(h + adapter(x))
+    return local, local + adapter(h)
