@@ -24,7 +24,8 @@ Design decisions (each a Hyperparams field where it is a choice):
 - Downloads: the round's start-of-round download of S is skipped for a client that already holds the
   current global S (it received it after the last aggregation and nothing changed since: always so under
   full participation), `skip_current_download=True`; False sends S every time.
-- Aggregation weights: n_k is the client's whole train split (ctx.client_weights), not the 95% it trains on.
+- Aggregation weights: n_k is the client's whole train split (ctx.client_weights), not the 95% it trains on;
+  `aggregation="uniform"` takes the plain mean, as the official code (zhenqincn/FedAPEN) does.
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from algorithms.base import Algorithm, Payload, load_payload, state_payload, weighted_average
+from algorithms.base import (Algorithm, Payload, aggregation_weights, check_aggregation, load_payload, state_payload,
+                             weighted_average)
 from bench.errors import UserError
 from bench.registry import register
 from models.groups import ARCHITECTURES
@@ -50,6 +52,7 @@ class FedAPENHyperparams:
     lambda_epochs: int = 10           # passes over the held-out split
     mix: str = "logits"               # logits | probs
     skip_current_download: bool = True  # no start-of-round download when the client already holds the global S
+    aggregation: str = "samples"      # samples: n_k-weighted average of S (SPEC) | uniform (official code)
 
     def validate(self) -> None:
         if self.shared_arch not in ARCHITECTURES:
@@ -63,6 +66,7 @@ class FedAPENHyperparams:
                             f"got {self.lambda_lr}, {self.lambda_epochs}")
         if self.mix not in ("logits", "probs"):
             raise UserError(f"fedapen.mix must be 'logits' or 'probs', got {self.mix!r}")
+        check_aggregation("fedapen", self.aggregation)
 
 
 def mixture_loss(p: torch.Tensor, s: torch.Tensor, lam: torch.Tensor, y: torch.Tensor, mix: str) -> torch.Tensor:
@@ -79,6 +83,8 @@ class FedAPEN(Algorithm):
     server_flops_by_upload_shapes = True
     description = "private + shared model by mutual learning, mixed with a learned per-client weight lambda"
     Hyperparams = FedAPENHyperparams
+    # zhenqincn/FedAPEN node.py ServerNode.aggregate; HtFLlib has no FedAPEN (/tmp/fidelity/fedapen.md).
+    profiles = {"official": {"aggregation": "uniform"}}
 
     @classmethod
     def estimated_cost(cls, hp, cfg) -> float:
@@ -134,7 +140,7 @@ class FedAPEN(Algorithm):
         return state_payload(shared)
 
     def aggregate(self, uploads: dict[int, Payload], round_index: int) -> None:
-        load_payload(self.global_shared, weighted_average(uploads, self.ctx.client_weights))
+        load_payload(self.global_shared, weighted_average(uploads, aggregation_weights(self.ctx, self.hp.aggregation)))
         self.version += 1
 
     def after_aggregation_payload(self, client, round_index: int) -> Payload | None:
@@ -168,7 +174,7 @@ class FedAPEN(Algorithm):
 
     def predict(self, client, x):
         lam = client.state["lambda"]
-        p, s = client.state["model"].eval()(x), client.state["shared"].eval()(x)
+        p, s = client.state["model"](x), client.state["shared"](x)
         if self.hp.mix == "logits":
             return lam * p + (1 - lam) * s
         probs = lam * F.softmax(p, 1) + (1 - lam) * F.softmax(s, 1)
