@@ -136,77 +136,96 @@ def unpack(spec: Any, tensors: dict[str, torch.Tensor], template: Any = None,
     if kind is None:
         tmpl = template if isinstance(template, dict) else {}
         return {k: unpack(v, tensors, tmpl.get(k), device, f"{path}/{k}") for k, v in spec.items()}
-    if kind == "tensor":
-        value = tensors[spec["k"]]
-        if isinstance(template, torch.Tensor) and (template.requires_grad or isinstance(template, nn.Parameter)) \
-                and template.shape == value.shape and template.dtype == value.dtype:
-            with torch.no_grad():
-                template.copy_(value)  # trainable: an optimizer may hold it, keep its identity
-            return template
-        target = template.device if isinstance(template, torch.Tensor) else _target_device(spec["device"], device)
-        value = value.to(target)
-        if spec["param"]:
-            return nn.Parameter(value, requires_grad=spec["grad"])
-        return value.requires_grad_(spec["grad"]) if spec["grad"] else value
-    if kind == "module":
-        if not isinstance(template, nn.Module):
-            raise CheckpointError(f"{path}: the checkpoint holds a module here but the fresh state has "
-                                  f"{type(template).__name__}")
-        prefix = spec["k"]
-        try:
-            template.load_state_dict({name: tensors[f"{prefix}/{name}"] for name in spec["keys"]}, strict=True)
-        except (RuntimeError, KeyError) as err:
-            raise CheckpointError(f"{path}: module does not match the checkpoint ({err})") from None
-        for module, flag in zip(template.modules(), spec["training"]):
-            module.training = flag
-        for param, flag in zip(template.parameters(), spec["requires_grad"]):
-            param.requires_grad_(flag)
+    if kind not in UNPACKERS:
+        raise CheckpointError(f"{path}: unknown checkpoint entry type {kind!r}")
+    return UNPACKERS[kind](spec, tensors, template, device, path)
+
+
+def _tensor(spec, tensors, template, device, path):
+    value = tensors[spec["k"]]
+    if isinstance(template, torch.Tensor) and (template.requires_grad or isinstance(template, nn.Parameter)) \
+            and template.shape == value.shape and template.dtype == value.dtype:
+        with torch.no_grad():
+            template.copy_(value)  # trainable: an optimizer may hold it, keep its identity
         return template
-    if kind == "optimizer":
-        if not isinstance(template, torch.optim.Optimizer):
-            raise CheckpointError(f"{path}: the checkpoint holds an optimizer but the fresh state has "
-                                  f"{type(template).__name__}")
-        template.load_state_dict(unpack(spec["state"], tensors, None, torch.device("cpu"), f"{path}/optim"))
-        return template
-    if kind == "generator":
-        gen = template if isinstance(template, torch.Generator) else \
-            torch.Generator(device=_target_device(spec["device"], device))
-        gen.set_state(tensors[spec["k"]])
-        return gen
-    if kind == "np_generator":
-        state = unpack(spec["state"], tensors, None, device, path)
-        if isinstance(template, np.random.Generator) and \
-                type(template.bit_generator).__name__ == state["bit_generator"]:
-            gen = template
-        else:
-            gen = np.random.Generator(getattr(np.random, state["bit_generator"])())
-        gen.bit_generator.state = state
-        return gen
-    if kind == "ndarray":
-        return tensors[spec["k"]].numpy().copy()
-    if kind == "np_scalar":
-        return np.dtype(spec["dtype"]).type(spec["v"])
-    if kind == "device":
-        return template if isinstance(template, torch.device) else torch.device(spec["v"])
-    if kind == "dtype":
-        return getattr(torch, spec["v"])
-    if kind == "size":
-        return torch.Size(spec["v"])
-    if kind in ("tuple", "deque", "set", "frozenset"):
-        items = unpack(spec["v"], tensors, template, device, path)
-        if kind == "tuple":
-            return tuple(items)
-        if kind == "deque":
-            return collections.deque(items, maxlen=spec["maxlen"])
-        return set(items) if kind == "set" else frozenset(items)
-    if kind == "dict":
-        tmpl = template if isinstance(template, dict) else {}
-        out: dict = collections.defaultdict(FACTORIES[spec["factory"]]) if spec["factory"] else {}
-        for i, (k, v) in enumerate(spec["items"]):
-            key = unpack(k, tensors, None, device, f"{path}/k{i}")
-            out[key] = unpack(v, tensors, tmpl.get(key), device, f"{path}/{i}")
-        return out
-    raise CheckpointError(f"{path}: unknown checkpoint entry type {kind!r}")
+    target = template.device if isinstance(template, torch.Tensor) else _target_device(spec["device"], device)
+    value = value.to(target)
+    if spec["param"]:
+        return nn.Parameter(value, requires_grad=spec["grad"])
+    return value.requires_grad_(spec["grad"]) if spec["grad"] else value
+
+
+def _module(spec, tensors, template, device, path):
+    if not isinstance(template, nn.Module):
+        raise CheckpointError(f"{path}: the checkpoint holds a module here but the fresh state has "
+                              f"{type(template).__name__}")
+    prefix = spec["k"]
+    try:
+        template.load_state_dict({name: tensors[f"{prefix}/{name}"] for name in spec["keys"]}, strict=True)
+    except (RuntimeError, KeyError) as err:
+        raise CheckpointError(f"{path}: module does not match the checkpoint ({err})") from None
+    for module, flag in zip(template.modules(), spec["training"]):
+        module.training = flag
+    for param, flag in zip(template.parameters(), spec["requires_grad"]):
+        param.requires_grad_(flag)
+    return template
+
+
+def _optimizer(spec, tensors, template, device, path):
+    if not isinstance(template, torch.optim.Optimizer):
+        raise CheckpointError(f"{path}: the checkpoint holds an optimizer but the fresh state has "
+                              f"{type(template).__name__}")
+    template.load_state_dict(unpack(spec["state"], tensors, None, torch.device("cpu"), f"{path}/optim"))
+    return template
+
+
+def _generator(spec, tensors, template, device, path):
+    gen = template if isinstance(template, torch.Generator) else \
+        torch.Generator(device=_target_device(spec["device"], device))
+    gen.set_state(tensors[spec["k"]])
+    return gen
+
+
+def _np_generator(spec, tensors, template, device, path):
+    state = unpack(spec["state"], tensors, None, device, path)
+    if isinstance(template, np.random.Generator) and type(template.bit_generator).__name__ == state["bit_generator"]:
+        gen = template
+    else:
+        gen = np.random.Generator(getattr(np.random, state["bit_generator"])())
+    gen.bit_generator.state = state
+    return gen
+
+
+def _sequence(spec, tensors, template, device, path):
+    items = unpack(spec["v"], tensors, template, device, path)
+    kind = spec[TAG]
+    if kind == "tuple":
+        return tuple(items)
+    if kind == "deque":
+        return collections.deque(items, maxlen=spec["maxlen"])
+    return set(items) if kind == "set" else frozenset(items)
+
+
+def _dict(spec, tensors, template, device, path):
+    tmpl = template if isinstance(template, dict) else {}
+    out: dict = collections.defaultdict(FACTORIES[spec["factory"]]) if spec["factory"] else {}
+    for i, (k, v) in enumerate(spec["items"]):
+        key = unpack(k, tensors, None, device, f"{path}/k{i}")
+        out[key] = unpack(v, tensors, tmpl.get(key), device, f"{path}/{i}")
+    return out
+
+
+UNPACKERS: dict[str, Any] = {
+    "tensor": _tensor, "module": _module, "optimizer": _optimizer, "generator": _generator,
+    "np_generator": _np_generator, "tuple": _sequence, "deque": _sequence, "set": _sequence,
+    "frozenset": _sequence, "dict": _dict,
+    "ndarray": lambda spec, tensors, *_: tensors[spec["k"]].numpy().copy(),
+    "np_scalar": lambda spec, *_: np.dtype(spec["dtype"]).type(spec["v"]),
+    "device": lambda spec, tensors, template, *_: template if isinstance(template, torch.device)
+    else torch.device(spec["v"]),
+    "dtype": lambda spec, *_: getattr(torch, spec["v"]),
+    "size": lambda spec, *_: torch.Size(spec["v"]),
+}
 
 
 # ---- the file ------------------------------------------------------------------------------------------
@@ -309,3 +328,4 @@ def set_rng_state(state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> No
     random.setstate(unpack(state["python"], tensors))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([unpack(s, tensors) for s in state["cuda"]])
+

@@ -1,4 +1,9 @@
-"""The `bench` command line. User mistakes print one line and exit with code 2 (`--debug` shows the traceback)."""
+"""The `bench` command line. User mistakes print one line and exit with code 2 (`--debug` shows the traceback).
+
+One vocabulary across run, resume, paper and report: an option that means the same thing has the same name
+and form everywhere (`--seed` repeatable, each also a comma-separated list; `--output-dir`; `--algo`
+repeatable; `--set KEY=VALUE`; `--data-dir`, `--device`, `--threads`, `--quiet`, `--tracking-uri`, the
+executor options). Old spellings (`bench paper --seeds 0,1`, `--out`) still work, hidden."""
 from __future__ import annotations
 
 import subprocess
@@ -8,10 +13,87 @@ from pathlib import Path
 
 import click
 
+import bench.callbacks.mlflow_client  # noqa: F401  (MLflow's environment, before mlflow loads: no telemetry)
+from bench.config import setup_fields
 from bench.errors import UserError
-from bench.executors import executor_options, make_executor
+from bench.executors import executor_from_cli
 
 DEBUG = False
+
+
+class Seeds(click.ParamType):
+    """A seed, or several separated by commas or spaces: 0 / 0,1,2."""
+
+    name = "SEED"
+
+    def convert(self, value, param, ctx) -> list[int]:
+        if isinstance(value, list):
+            return value
+        parts = [p for p in str(value).replace(" ", ",").split(",") if p]
+        if not parts or not all(p.lstrip("-").isdigit() for p in parts):
+            self.fail(f"{value!r}: expected integers, e.g. --seed 0 --seed 1 or --seed 0,1,2", param, ctx)
+        return [int(p) for p in parts]
+
+
+def seed_list(*values: tuple[list[int], ...]) -> list[int]:
+    """The seeds of repeated --seed options (and their hidden alias), in order."""
+    return [seed for option in values for seeds in option for seed in seeds]
+
+
+# ---- the shared options ---------------------------------------------------------------------------------
+ALGO = click.option("--algo", "algorithms", multiple=True, help="Algorithm to run (repeatable); see `bench list`.")
+SEED = click.option("--seed", "seeds", type=Seeds(), multiple=True,
+                    help="Seed (repeatable, or a comma-separated list: --seed 0,1,2); one run per seed.")
+SET = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                   help="Override any config key, e.g. pfedlora.rank=32.")
+DATA_DIR = click.option("--data-dir", envvar="BENCH_DATA_DIR", help="Dataset cache directory [env: BENCH_DATA_DIR].")
+DEVICE = click.option("--device", help="auto, cpu or cuda.")
+THREADS = click.option("--threads", type=int,
+                       help="torch CPU threads per run [default: torch's; on Ray: --cpus-per-run]; 1 is much "
+                            "faster on a busy machine.")
+QUIET = click.option("--quiet", is_flag=True, help="No progress lines.")
+
+
+def tracking_uri_option(help: str):
+    return click.option("--tracking-uri", help=help)
+
+
+def output_dir_option(help: str, legacy_out: bool = False, **kwargs):
+    """--output-dir (and the hidden old spelling --out, where a command had it)."""
+    def decorate(command):
+        command = click.option("--output-dir", "output_dir", type=click.Path(file_okay=False, path_type=Path),
+                               help=help, **kwargs)(command)
+        if legacy_out:
+            command = click.option("--out", "out_alias", type=click.Path(file_okay=False, path_type=Path),
+                                   hidden=True)(command)
+        return command
+    return decorate
+
+
+def executor_options(command):
+    """--executor and the Ray options, shared by `bench run`, `bench resume` and `bench paper`."""
+    options = [
+        click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                     help="local: runs one after the other here; ray: each (algorithm, seed, setting) run is a "
+                          "Ray task, in parallel."),
+        click.option("--cpus-per-run", type=float, default=1.0, show_default=True,
+                     help="Ray: CPUs each run requests (also its torch threads)."),
+        click.option("--gpus-per-run", type=float,
+                     help="Ray: GPUs each run requests, fractions allowed [default: 1 if the cluster has GPUs "
+                          "and --device is not cpu, else 0]."),
+        click.option("--ray-address", envvar="RAY_ADDRESS",
+                     help="Ray: cluster to join, e.g. auto (on a node of a running cluster) or HEAD_IP:6379 "
+                          "[env: RAY_ADDRESS; default: a new local Ray instance]."),
+        click.option("--max-retries", type=int, default=1, show_default=True,
+                     help="Ray: retries of a run whose worker died (continuing from its checkpoint)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+RESUME_HELP = ("Continue the results folder --run-name from its checkpoints (finished runs are kept); settings "
+               "that do not change results may differ: " + ", ".join(setup_fields()) + ".")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -23,10 +105,10 @@ def cli(debug: bool) -> None:
 
 
 @cli.command()
-@click.option("--algo", "algorithms", multiple=True, help="Algorithm to run (repeatable); see `bench list`.")
+@ALGO
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML config file.")
 @click.option("--preset", default="quick", show_default=True, help="quick (minutes on a CPU) or paper (SPEC protocol).")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key, e.g. pfedlora.rank=32.")
+@SET
 @click.option("--dataset", help="cifar10, cifar100, synthetic[:K] or PATH.npz.")
 @click.option("--clients", "num_clients", type=int, help="Number of clients N.")
 @click.option("--participation", type=float, help="Fraction C of clients sampled per round, in (0, 1].")
@@ -38,28 +120,30 @@ def cli(debug: bool) -> None:
               help="Classes per client for label-skew [default: 2; 10 on more than 10 classes].")
 @click.option("--model-group", help="Model group; see `bench list`.")
 @click.option("--profile", help="Reference profile of the algorithms' options: spec, official or htfllib.")
-@click.option("--seed", "seeds", type=int, multiple=True, help="Seed (repeatable: one run per seed).")
-@click.option("--device", help="auto, cpu or cuda.")
-@click.option("--threads", type=int, help="torch CPU threads per run [default: torch's; on Ray: --cpus-per-run].")
-@click.option("--data-dir", envvar="BENCH_DATA_DIR", help="Dataset cache directory [env: BENCH_DATA_DIR].")
-@click.option("--output-dir", help="Results root (also holds the default MLflow store).")
+@SEED
+@DEVICE
+@THREADS
+@DATA_DIR
+@output_dir_option("Results root (also holds the default MLflow store) [default: results].")
 @click.option("--run-name", help="Results subfolder and MLflow parent run name.")
-@click.option("--tracking-uri", help="MLflow tracking URI (default: sqlite store in the output dir).")
+@tracking_uri_option("MLflow tracking URI (default: sqlite store in the output dir).")
 @click.option("--checkpoint-every", type=int, help="Checkpoint each run every k rounds (0: never) [default: 1].")
-@click.option("--resume", is_flag=True, help="Continue the results folder --run-name from its checkpoints.")
-@click.option("--quiet", is_flag=True, help="No progress lines.")
+@click.option("--resume", is_flag=True, help=RESUME_HELP)
+@QUIET
 @executor_options
-def run(algorithms, config_file, preset, sets, quiet, resume, executor, cpus_per_run, gpus_per_run, ray_address,
-        max_retries, **options) -> None:
+def run(algorithms, config_file, preset, sets, quiet, resume, **options) -> None:
     """Run one or more algorithms (and seeds) on one setting; log to MLflow and a results folder."""
     from bench.config import load_config
     from bench.runner import run_invocation
 
-    runner = make_executor(executor, cpus_per_run, gpus_per_run, ray_address, max_retries)
+    executor = executor_from_cli(**options)
+    options = {k: v for k, v in options.items()
+               if k not in ("executor", "cpus_per_run", "gpus_per_run", "ray_address", "max_retries")}
     options["algorithms"] = list(algorithms) or None
-    options["seeds"] = list(options["seeds"]) or None
+    options["seeds"] = seed_list(options["seeds"]) or None
+    options["output_dir"] = str(options["output_dir"]) if options["output_dir"] else None
     cfg = load_config(config_file, preset, list(sets), options)
-    finish(run_invocation(cfg, show_progress=not quiet, resume=resume, executor=runner))
+    finish(run_invocation(cfg, show_progress=not quiet, resume=resume, executor=executor))
 
 
 def finish(outcome) -> None:
@@ -72,34 +156,81 @@ def finish(outcome) -> None:
 
 @cli.command()
 @click.argument("results_dir", type=click.Path(file_okay=False))
-@click.option("--tracking-uri", help="MLflow tracking URI (default: the one the run used).")
-@click.option("--quiet", is_flag=True, help="No progress lines.")
+@tracking_uri_option("MLflow tracking URI (default: the one the run used).")
+@QUIET
 @executor_options
 def resume(results_dir: str, tracking_uri: str | None, quiet: bool, **executor) -> None:
     """Continue an interrupted run from its results folder (finished runs are kept)."""
     from bench.config import from_results
     from bench.runner import run_invocation
+    from bench.store import ResultsStore
 
-    runner = make_executor(**executor)
-    from bench.tracking import read_json, results_config
-
-    root = Path(results_dir)
-    cfg = from_results(results_config(root))
-    cfg.output_dir, cfg.run_name = str(root.parent), root.name
-    cfg.tracking_uri = tracking_uri or read_json(root / "mlflow.json").get("tracking_uri") or cfg.tracking_uri
+    runner = executor_from_cli(**executor)
+    store = ResultsStore(Path(results_dir))
+    cfg = from_results(store.require_config())
+    cfg.output_dir, cfg.run_name = str(store.root.parent), store.root.name
+    cfg.tracking_uri = tracking_uri or store.mlflow_info().get("tracking_uri") or cfg.tracking_uri
     finish(run_invocation(cfg, show_progress=not quiet, resume=True, executor=runner))
 
 
 @cli.command()
 @click.argument("results_dir", type=click.Path(file_okay=False))
-@click.option("--tracking-uri", help="Store to upload to (default: the one the run used).")
+@tracking_uri_option("Store to upload to (default: the one the run used).")
 def sync(results_dir: str, tracking_uri: str | None) -> None:
     """Upload to MLflow what a results folder holds and MLflow misses (after the store was unavailable)."""
-    from bench.tracking import sync_results
+    from bench.callbacks.mlflow import sync_results
 
     done = sync_results(Path(results_dir), tracking_uri)
     click.echo(f"synced {done['runs']} run(s) of {results_dir} to {done['tracking_uri']}: "
                f"{done['metric_values']} metric value(s) uploaded; invocation {done['status']}")
+
+
+@cli.command()
+@click.argument("results_dirs", nargs=-1, type=click.Path(file_okay=False, path_type=Path))
+@output_dir_option("Output folder (default: <dir>/plots for one results folder, else results/report-<time>).",
+                   legacy_out=True)
+@tracking_uri_option("Read the runs from this MLflow store instead of results folders.")
+@click.option("--experiment", help="MLflow experiment to read (with --tracking-uri; default: all).")
+@click.option("--run", "parents", multiple=True, help="MLflow parent run (invocation) name or id; repeatable.")
+@click.option("--title", default="", help="Title of the report's Markdown index.")
+def report(results_dirs, output_dir, out_alias, **options) -> None:
+    """Figures (PNG, PDF) and tables (Markdown, CSV, LaTeX) from results folders or MLflow runs.
+
+    RESULTS_DIRS are results folders of `bench run`, or folders holding several of them (such as an
+    output dir, or the runs/ folder of `bench paper`). With several settings, the report compares
+    them side by side (the T1 table) and draws each setting's figures."""
+    from reports.commands import report_command
+
+    report_command(results_dirs, output_dir or out_alias, **options)
+
+
+@cli.command()
+@click.argument("recipe", metavar="LIST|RECIPE|all")
+@click.option("--scale", type=click.Choice(["smoke", "full"]), default="smoke", show_default=True,
+              help="smoke: the grid shrunk to minutes on a CPU; full: the SPEC protocol.")
+@SEED
+@click.option("--seeds", "seeds_alias", type=Seeds(), multiple=True, hidden=True)
+@ALGO
+@output_dir_option("Reports folder (default: results/paper-<scale>); runs go to <output-dir>/runs.", legacy_out=True)
+@DATA_DIR
+@DEVICE
+@SET
+@THREADS
+@click.option("--dry-run", is_flag=True, help="List the grid's runs and whether each is done, then stop.")
+@QUIET
+@executor_options
+def paper(recipe: str, **options) -> None:
+    """Regenerate the paper's tables and figures (SPEC section 4) from declarative recipes.
+
+    `bench paper list` shows the recipes; `bench paper t1` runs the T1 grid (reusing finished runs) and
+    writes its tables and figures, a manifest, and <output-dir>/index.md; `bench paper all` runs every recipe
+    (`--seed` replaces the scale's seeds, `--algo` its methods)."""
+    from reports.commands import paper_command
+
+    options["seeds"] = list(dict.fromkeys(seed_list(options["seeds"], options.pop("seeds_alias"))))
+    options["output_dir"] = options["output_dir"] or options.pop("out_alias")
+    options["executor"] = executor_from_cli(**options) if recipe != "list" else None
+    paper_command(recipe, options)
 
 
 @cli.group()
@@ -118,7 +249,7 @@ def partition() -> None:
 @click.option("--partition", help="label-skew, dirichlet, iid, or file:PATH.json (to convert it).")
 @click.option("--classes-per-client", type=int,
               help="Classes per client for label-skew [default: 2; 10 on more than 10 classes].")
-@click.option("--data-dir", envvar="BENCH_DATA_DIR", help="Dataset cache directory [env: BENCH_DATA_DIR].")
+@DATA_DIR
 @click.option("--format", "fmt", type=click.Choice(["json", "pfllib"]), default="json", show_default=True,
               help="json: our client index lists (+ sha256); pfllib: PFLlib/HtFLlib train/<id>.npz, test/<id>.npz.")
 @click.option("--out", required=True, type=click.Path(), help="File (json) or new folder (pfllib) to write.")
@@ -127,7 +258,7 @@ def export(config_file, sets, seed, fmt, out, **options) -> None:
     import torch
 
     from bench.config import load_config, resolve_dataset_defaults
-    from bench.runner import client_splits
+    from bench.plan import client_splits
     from data import portable
     from data.sources import load_dataset
 
@@ -175,16 +306,16 @@ def list_components() -> None:
 
 
 @cli.command()
-@click.option("--output-dir", default="results", show_default=True, help="Results root holding mlflow.db.")
-@click.option("--tracking-uri", help="Store to show (default: the sqlite store in the output dir).")
+@output_dir_option("Results root holding mlflow.db.", default=Path("results"), show_default=True)
+@tracking_uri_option("Store to show (default: the sqlite store in the output dir).")
 @click.option("--port", default=5000, show_default=True, type=int)
-def ui(output_dir: str, tracking_uri: str | None, port: int) -> None:
+def ui(output_dir: Path, tracking_uri: str | None, port: int) -> None:
     """Start the MLflow UI on 127.0.0.1 for the results store."""
-    from bench.tracking import default_tracking_uri
+    from bench.store import MLFLOW_DB, default_tracking_uri
 
-    uri = tracking_uri or default_tracking_uri(Path(output_dir))
-    if tracking_uri is None and not (Path(output_dir) / "mlflow.db").exists():
-        raise UserError(f"no MLflow store at {Path(output_dir) / 'mlflow.db'}; run `bench run` first or pass --output-dir")
+    uri = tracking_uri or default_tracking_uri(output_dir)
+    if tracking_uri is None and not (output_dir / MLFLOW_DB).exists():
+        raise UserError(f"no MLflow store at {output_dir / MLFLOW_DB}; run `bench run` first or pass --output-dir")
     click.echo(f"MLflow UI for {uri} at http://127.0.0.1:{port}  (Ctrl-C to stop)")
     subprocess.run([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
                     "--host", "127.0.0.1", "--port", str(port)], check=False)
@@ -199,13 +330,6 @@ def show_warning(message, category, filename, lineno, file=None, line=None) -> N
 
 
 _default_showwarning = warnings.showwarning
-
-
-# ---- commands defined in other modules (registered here, so `bench --help` lists them) ----
-from reports.commands import paper, report  # noqa: E402
-
-cli.add_command(report)
-cli.add_command(paper)
 
 
 def main() -> None:

@@ -1,4 +1,8 @@
-"""The run configuration: one typed dataclass, presets, TOML files and `--set key=value` overrides."""
+"""The run configuration: one typed dataclass, presets, TOML files and `--set key=value` overrides.
+
+Which fields change a run's numbers is declared once, on the field: `metadata=SETUP` marks the ones that do
+not (where things go, how runs are executed, tracked and checkpointed). `results_fields()` lists the others;
+the resume check (`config_differences`), `bench paper`'s cell identity and the CLI help use it."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,6 +15,8 @@ from typing import Any
 
 from bench.errors import UserError
 
+SETUP = {"results": False}  # field metadata: the value does not change a run's numbers
+
 
 @dataclass
 class RunConfig:
@@ -19,7 +25,8 @@ class RunConfig:
 
     algorithms: list[str] = field(default_factory=lambda: ["pfedlora", "standalone"])
     dataset: str = "cifar10"          # cifar10, cifar100, synthetic[:K], or a path to an .npz
-    data_dir: str | None = None       # None: $BENCH_DATA_DIR or ~/.cache/bench/data
+    # None: $BENCH_DATA_DIR or ~/.cache/bench/data
+    data_dir: str | None = field(default=None, metadata=SETUP)
     num_clients: int = 10             # N
     participation: float = 1.0        # C: fraction of clients sampled per round, in (0, 1]
     rounds: int = 10
@@ -36,24 +43,31 @@ class RunConfig:
     model_group: str = "cnn-hetero"
     augment: bool = True              # random crop (padding 4) and horizontal flip
     seeds: list[int] = field(default_factory=lambda: [0])
-    device: str = "auto"              # auto, cpu, cuda
-    threads: int | None = None        # torch CPU threads per run (None: torch's default here, --cpus-per-run on
-                                      # Ray); CPU results are bit-identical only at equal thread counts
-    output_dir: str = "results"
-    run_name: str | None = None       # results subfolder and MLflow parent run name; None: timestamp
+    device: str = field(default="auto", metadata=SETUP)  # auto, cpu, cuda
+    # torch CPU threads per run (None: torch's default here, --cpus-per-run on Ray); CPU results are
+    # bit-identical only at equal thread counts
+    threads: int | None = field(default=None, metadata=SETUP)
+    output_dir: str = field(default="results", metadata=SETUP)
+    # results subfolder and MLflow parent run name; None: timestamp
+    run_name: str | None = field(default=None, metadata=SETUP)
     eval_every: int = 1               # evaluate every k rounds (and always after the last)
     eval_batch_size: int = 1024
     target_accuracy: float | None = None  # rounds-to-target; None: dataset-aware (default_target_accuracy)
-    offload_state: bool = False       # keep client states in host memory between rounds (large N on GPU)
-    flop_cache: bool = True           # count each distinct step once (False: count every step)
+    # keep client states in host memory between rounds (large N on GPU)
+    offload_state: bool = field(default=False, metadata=SETUP)
+    # count each distinct step once (False: count every step; the same FLOPs, tests/test_accounting.py)
+    flop_cache: bool = field(default=True, metadata=SETUP)
     batched_training: bool = False    # train same-architecture clients together (bench/batched.py) where the
                                       # algorithm opts in (plain CE phases); equal to sequential per client on
                                       # the same batches, but draws batches in another order (other numbers
                                       # than a sequential run of the same seed); slower on CPU, unmeasured on GPU
-    tracking_uri: str | None = None   # None: sqlite store in output_dir, no server needed
-    checkpoint_every: int = 1         # save the run's complete state every k rounds (0: never), for --resume
-    keep_checkpoints: bool = False    # keep a finished run's last checkpoint (default: deleted when it finishes)
-    experiment: str = "mhpfl-bench"
+    # None: sqlite store in output_dir, no server needed
+    tracking_uri: str | None = field(default=None, metadata=SETUP)
+    # save the run's complete state every k rounds (0: never), for --resume
+    checkpoint_every: int = field(default=1, metadata=SETUP)
+    # keep a finished run's last checkpoint (default: deleted when it finishes)
+    keep_checkpoints: bool = field(default=False, metadata=SETUP)
+    experiment: str = field(default="mhpfl-bench", metadata=SETUP)
     profile: str = "spec"             # reference profile of every algorithm's options: spec (SPEC.md), official (the
                                       # authors' released code), htfllib (HtFLlib); algorithms/README.md has the tables
     # Per-algorithm hyper-parameters, e.g. {"pfedlora": {"rank": 32}}; TOML tables / --set pfedlora.rank=32.
@@ -69,9 +83,18 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
-# Fields that do not change a run's numbers: a results folder may be resumed with other values for them.
-NOT_RESULTS = ("data_dir", "device", "threads", "output_dir", "run_name", "tracking_uri", "experiment", "offload_state",
-               "checkpoint_every", "keep_checkpoints")
+
+
+def results_fields() -> tuple[str, ...]:
+    """The fields that change a run's numbers (all but those marked SETUP): a results folder may be resumed
+    with other values for the others."""
+    return tuple(name for name, f in FIELDS.items() if f.metadata.get("results", True))
+
+
+def setup_fields() -> tuple[str, ...]:
+    return tuple(name for name in FIELDS if name not in results_fields())
+
+
 TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
 
 
@@ -197,8 +220,8 @@ def config_differences(stored: dict[str, Any], cfg: RunConfig) -> list[str]:
     for key in DATASET_AWARE:
         if key in stored and stored[key] is None:
             stored[key] = current[key]
-    return [f"{key}: {stored.get(key)!r} there, {current[key]!r} here" for key in FIELDS
-            if key not in NOT_RESULTS and key in stored and stored[key] != current[key]]
+    return [f"{key}: {stored.get(key)!r} there, {current[key]!r} here" for key in results_fields()
+            if key in stored and stored[key] != current[key]]
 
 
 def from_results(stored: dict[str, Any]) -> RunConfig:
@@ -268,5 +291,4 @@ def validate(cfg: RunConfig) -> None:
 
     if cfg.profile not in PROFILES:
         raise UserError(f"unknown profile {cfg.profile!r}; valid: {', '.join(PROFILES)}")
-    for name in dict.fromkeys([*cfg.algorithms, *cfg.algo]):
-        resolve_algorithms([name])[0].hparams_for(cfg)
+    # The hyper-parameters (cfg.algo) are built and checked once, by the run plan (bench/plan.py).

@@ -1,37 +1,43 @@
-"""One `bench run` invocation: load data once, then for each seed and algorithm run the round loop and
-send every round to the trackers. One failing algorithm does not stop the others.
+"""The run lifecycle, top to bottom:
 
-Bad input is refused before anything is written. Each round goes to the results folder, then (every
-`checkpoint_every` rounds) the run's complete state to <run dir>/checkpoint/state.pt, then to MLflow; a
-resumed invocation (`--resume`, `bench resume`) skips finished runs and continues the others from their
-checkpoints, bit-identically on the CPU."""
+    config -> plan (bench/plan.py: run specs, inputs, results folder; bad input refused before anything is
+              written) -> executor (bench/executors: here one run after the other, or Ray tasks)
+           -> per invocation: begin (callbacks: on_invocation_start, on_run_kept)
+              -> per run: execute_run (Simulation + callbacks: on_run_start, on_round_end..., on_run_end)
+              -> close (plots, on_invocation_end) -> the results store (bench/store.py)
+
+Each round goes to the callbacks in their documented order (bench/callbacks/__init__.py: `ordered`): the
+results folder, then (every `checkpoint_every` rounds) the run's checkpoint, then MLflow, then the progress
+line. One failing run does not stop the others. A resumed invocation (`--resume`, `bench resume`) keeps the
+finished runs and continues the others from their checkpoints, bit-identically on the CPU."""
 from __future__ import annotations
 
-import json
+import dataclasses
+import functools
 import math
-import time
-import traceback
 import warnings
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench.accounting import FlopAccountant
-from bench.checkpoint import CheckpointError, Packer, RunCheckpoint, unpack
-from bench.config import RunConfig, config_differences, default_classes_per_client, resolve_dataset_defaults
+from bench.callbacks import Callback, CallbackList, InvocationInfo, RunInfo, ordered
+from bench.callbacks.checkpoint import CheckpointCallback, SavedRun, read_run
+from bench.callbacks.mlflow import make_mlflow_callback
+from bench.callbacks.progress import ProgressCallback
+from bench.callbacks.results import ResultsFolderCallback
+from bench.checkpoint import CheckpointError
+from bench.config import RunConfig, resolve_dataset_defaults
 from bench.errors import UserError
-from bench.progress import Progress, fmt_duration
-from bench.registry import resolve_algorithms
-from bench.simulator import RunContext, Simulation
+from bench.executors import Executor, ExecutorOptions, make_executor
+from bench.plan import (NEEDS_RUN_NAME, Inputs, RunSpec, check_algorithms, client_splits,  # noqa: F401
+                        estimate_seconds, load_inputs, plan_runs, resolve_device, results_root, with_checkpoints)
+from bench.progress import Progress
+from bench.simulator import Simulation
+from bench.store import ResultsStore, default_tracking_uri, run_key  # noqa: F401  (run_key: re-exported)
 from bench.summary import run_summary
-from bench.tracking import ResultsFolder, Tracker, default_tracking_uri, make_mlflow_tracker
-from data.device_data import DeviceData
-from data.partition import FILE_PREFIX, ClientSplit, is_file_partition, partition
-from data.portable import file_splits, partition_sha256
-from data.sources import load_dataset
+from data.portable import partition_sha256
 
 
 @dataclass
@@ -43,186 +49,177 @@ class InvocationResult:
     mlflow_unsynced: bool = False                           # MLflow misses part of it: `bench sync` uploads
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name} requested but no CUDA GPU is available here; valid: auto, cpu")
-    return torch.device(name)
+# ---- one run ----------------------------------------------------------------------------------------------
+@dataclass
+class RunEnv:
+    """What every run of an invocation shares: its config (resolved), inputs and device, and the resolved
+    config its runs record (`config`). `resume`: continue each run from its checkpoint, if it has one."""
+
+    cfg: RunConfig
+    inputs: Inputs
+    device: torch.device
+    config: dict[str, Any]
+    resume: bool = False
+
+    def run_info(self, spec: RunSpec) -> RunInfo:
+        cfg, splits = self.cfg, self.inputs.splits[spec.seed]
+        params = {**{k: v for k, v in self.config.items() if k != "partition_hashes"}, "algorithm": spec.name,
+                  "seed": spec.seed, "partition_hash": partition_sha256(splits), "hparams": vars(spec.hparams)}
+        tags = {"algorithm": spec.name, "dataset": self.inputs.dataset.name, "seed": str(spec.seed),
+                "setting": f"N={cfg.num_clients},C={cfg.participation}", "model_group": cfg.model_group}
+        return RunInfo(spec.key, params, tags, cfg.rounds, spec.checkpoint)
+
+    def saved(self, spec: RunSpec) -> SavedRun | None:
+        """The checkpoint to continue from (None: start over; an unreadable one is warned about)."""
+        if not self.resume or spec.checkpoint is None:
+            return None
+        try:
+            return read_run(spec.checkpoint)
+        except CheckpointError as err:
+            warnings.warn(f"{spec.key}: {err}; this run starts over", stacklevel=2)
+            return None
 
 
-def run_key(algo: str, seed: int) -> str:
-    return f"{algo}-seed{seed}"
-
-
-def client_splits(cfg: RunConfig, dataset, seed: int, device: torch.device) -> list[ClientSplit]:
-    """The clients' index sets: drawn from `seed` by the partitioner, or read from a partition file (the same
-    for every seed)."""
-    if is_file_partition(cfg.partition):
-        splits = file_splits(Path(cfg.partition[len(FILE_PREFIX):]), dataset, cfg.num_clients)
-    else:
-        cpc = cfg.classes_per_client
-        cpc = default_classes_per_client(dataset.num_classes) if cpc is None else cpc  # None: dataset-aware
-        if cpc > dataset.num_classes:
-            raise UserError(f"classes_per_client={cpc} exceeds the {dataset.num_classes} classes "
-                            f"of {dataset.name}; valid: 1..{dataset.num_classes}")
-        splits = partition(dataset.y_train, dataset.y_test, cfg.num_clients, cfg.partition,
-                           classes_per_client=cpc, alpha=cfg.dirichlet_alpha,
-                           val_fraction=cfg.val_fraction, seed=seed)
-    return [ClientSplit(s.train.to(device), s.val.to(device), s.test.to(device)) for s in splits]
-
-
-_SAMPLE_SECONDS: dict[tuple, tuple[float, float]] = {}  # timings reused by later estimates in this process
-
-
-def sample_seconds(ctx: RunContext, arch: str) -> tuple[float, float]:
-    """(seconds per training sample, per evaluation sample) of `arch`: a training step (batch building, the
-    run's optimizer and clipping) and an evaluation batch (at most 256 samples), each the median of three
-    calls after a warm-up one, so a busy moment does not skew it."""
-    cfg, data, device = ctx.cfg, ctx.data, ctx.device
-    train_idx = torch.arange(min(cfg.batch_size, len(data.y_train)), device=device)
-    eval_idx = torch.arange(min(cfg.eval_batch_size, 256, len(data.y_test)), device=device)
-    key = (arch, ctx.num_classes, tuple(data.x_train.shape[1:]), len(train_idx), len(eval_idx), str(device),
-           torch.get_num_threads())
-    if key in _SAMPLE_SECONDS:
-        return _SAMPLE_SECONDS[key]
-    model = ctx.build_model(arch)
-    params, optimizers = ctx.optimizers_for([model])
-
-    def train_step():
-        model.train()
-        for x, y in data.train_batches(train_idx, cfg.batch_size, ctx.generator):
-            ctx.step(lambda x, y: torch.nn.functional.cross_entropy(model(x), y), x, y, params, optimizers)
-
-    @torch.no_grad()
-    def eval_batch():
-        model.eval()
-        for x, _ in data.eval_batches("test", eval_idx, len(eval_idx)):
-            model(x).argmax(1)
-
-    def timed(fn) -> float:
-        fn()
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        return sorted(times)[1]
-    _SAMPLE_SECONDS[key] = timed(train_step) / len(train_idx), timed(eval_batch) / len(eval_idx)
-    return _SAMPLE_SECONDS[key]
-
-
-def estimate_seconds(cfg: RunConfig, data: DeviceData, splits: list[ClientSplit], device: torch.device) -> dict[str, float]:
-    """Rough wall time per algorithm, before anything runs: each architecture's timed cost per sample
-    (sample_seconds), scaled by the samples a run trains and evaluates (participating clients' train and
-    test+val splits each round, every client's once at the start) and by each algorithm's round cost
-    relative to Standalone (`estimated_cost`)."""
-    ctx = RunContext(cfg, data, device, cfg.seeds[0], "estimate", FlopAccountant(), splits)
-    cost_of = {arch: sample_seconds(ctx, arch) for arch in set(ctx.client_archs)}
-    train_epoch = sum(math.ceil(len(s.train) / cfg.batch_size) * cfg.batch_size * cost_of[arch][0]
-                      for s, arch in zip(splits, ctx.client_archs))
-    evaluation = sum((len(s.test) + len(s.val)) * cost_of[arch][1] for s, arch in zip(splits, ctx.client_archs))
-    out = {}
-    for cls in resolve_algorithms(cfg.algorithms):
-        cost = cls.estimated_cost(cls.hparams_for(cfg), cfg)
-        per_round = cfg.participation * (train_epoch * cfg.local_epochs + evaluation) * cost
-        out[cls.name] = (per_round * cfg.rounds + evaluation) * len(cfg.seeds)
-    return out
-
-
-def check_algorithms(cfg: RunConfig, algo_classes: list, data: DeviceData, splits: list[ClientSplit],
-                     device: torch.device) -> None:
-    """Construct each algorithm once (cheap: no client state) so a setting it refuses (a UserError) is
-    reported before anything runs or is written."""
-    from models.groups import MODEL_GROUPS, is_homogeneous
-
-    for cls in algo_classes:
-        if cls.homogeneous_only and not is_homogeneous(cfg.model_group):
-            raise UserError(f"{cls.name} needs a model-homogeneous group, got {cfg.model_group!r}; "
-                            f"valid: {', '.join(g for g in MODEL_GROUPS if is_homogeneous(g))}")
-        ctx = RunContext(cfg, data, device, cfg.seeds[0], cls.name, FlopAccountant(), splits)
-        cls(ctx, cls.hparams_for(cfg))
-
-
-NEEDS_RUN_NAME = "--resume needs --run-name NAME (the run to continue), or use `bench resume RESULTS_DIR`"
-
-
-def results_root(cfg: RunConfig, resume: bool, partition_hashes: dict[str, str] | None = None) -> tuple[Path, bool]:
-    """(<output-dir>/<run-name>, whether it holds a run to continue). Without a run name: a new timestamped
-    folder, made unique with a suffix when another process took the same second. Refuses a folder that
-    holds another run's results (another config, or another partition of a seed both have), or this run's
-    without --resume."""
-    output_dir = Path(cfg.output_dir)
-    if cfg.run_name is None:
-        if resume:
-            raise UserError(NEEDS_RUN_NAME)
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        output_dir.mkdir(parents=True, exist_ok=True)
-        for attempt in range(1, 1000):
-            root = output_dir / (stamp if attempt == 1 else f"{stamp}-{attempt}")
-            try:
-                root.mkdir()
-                return root, False
-            except FileExistsError:
-                continue
-        raise UserError(f"cannot create a new results folder under {output_dir}; give --run-name")
-    root = output_dir / cfg.run_name
-    stored_path = root / "config.json"
-    if not stored_path.exists():
-        return root, False
+def execute_run(spec: RunSpec, env: RunEnv, callbacks: Callback) -> tuple[dict[str, Any], str]:
+    """One (algorithm, seed) run through the round loop, every round sent to `callbacks`. Returns (summary,
+    status); an exception inside the run (or a non-finite training loss, detected in the round it appears)
+    marks it FAILED instead of propagating; a UserError ends the run FAILED and propagates."""
+    cfg, run = env.cfg, env.run_info(spec)
+    saved = env.saved(spec)
+    unrestorable = None
+    if saved is not None:
+        try:
+            run.history, run.restored_from = saved.history(spec.key), saved.file
+        except CheckpointError as err:
+            unrestorable = err
+    callbacks.on_run_start(run, saved.step if saved is not None else (-1 if env.resume else None))
+    clients: list[dict[str, Any]] = []
     try:
-        stored = json.loads(stored_path.read_text())
-    except json.JSONDecodeError:
-        raise UserError(f"{root} holds an unreadable config.json; choose another --run-name or --output-dir") from None
-    differences = config_differences(stored, cfg)
-    stored_hashes = stored.get("partition_hashes") or {}
-    differences += [f"partition of seed {seed}: sha256 {stored_hashes[seed][:12]}... there, {digest[:12]}... here"
-                    for seed, digest in (partition_hashes or {}).items()
-                    if stored_hashes.get(seed) not in (None, digest)]
-    if differences:
-        what = "; ".join(differences[:3]) + ("; ..." if len(differences) > 3 else "")
-        if resume:
-            raise UserError(f"cannot resume {root}: it holds a different run ({what}); "
-                            f"use `bench resume {root}` to continue that run as it was configured")
-        raise UserError(f"{root} holds a different run's results ({what}); choose another --run-name or "
-                        f"--output-dir")
-    if not resume:
-        raise UserError(f"{root} already holds the results of this run; pass --resume to continue it, "
-                        f"or choose another --run-name or --output-dir")
-    return root, True
+        if unrestorable is not None:
+            raise unrestorable
+        run.sim = sim = Simulation(cfg, spec.algorithm, spec.seed, env.inputs.data, env.inputs.splits[spec.seed],
+                                   env.device)
+        if saved is not None:
+            saved.restore(sim)
+        else:
+            finish_round(run, callbacks, 0, sim.initial_metrics())
+        for round_index in range(sim.rounds_done, cfg.rounds):
+            metrics = sim.run_round(round_index)
+            if not math.isfinite(metrics["train_loss"]):
+                raise FloatingPointError(f"non-finite training loss in round {round_index + 1}")
+            finish_round(run, callbacks, round_index + 1, metrics)
+        clients = sim.client_table()
+        summary, status = run_summary(run.history, cfg.target_accuracy), "FINISHED"
+    except UserError as err:
+        run.error = err
+        callbacks.on_run_end(run, failed_summary(run, cfg, str(err)), [], "FAILED")
+        raise
+    except Exception as err:  # isolate the failure: the other algorithms still run
+        run.error = err
+        summary, status = failed_summary(run, cfg, f"{type(err).__name__}: {err}"), "FAILED"
+    callbacks.on_run_end(run, summary, clients, status)
+    return summary, status
+
+
+def finish_round(run: RunInfo, callbacks: Callback, step: int, metrics: dict[str, float]) -> None:
+    run.history.append({"step": step, **metrics})
+    callbacks.on_round_end(run, step, metrics)
+
+
+def failed_summary(run: RunInfo, cfg: RunConfig, reason: str) -> dict[str, Any]:
+    return {**(run_summary(run.history, cfg.target_accuracy) if run.history else {}), "error": reason}
 
 
 @dataclass
-class Invocation:
-    """One results folder being written: a setting's (algorithm, seed) runs, its trackers and its outcome.
-    An executor (`run_invocation` here, or bench/executors.py on Ray) runs `pending`; `close` draws the
-    plots and ends the trackers."""
+class RunTask:
+    """One run to execute elsewhere (a Ray worker): picklable; the worker loads its own inputs."""
+
     cfg: RunConfig
-    algo_classes: list
+    spec: RunSpec
+    config: dict[str, Any]
+
+    def execute(self, record: Callback, gpu: bool) -> tuple[dict[str, Any], str]:
+        """Run it with `record` first in the callback order (then its checkpoints), always continuing from
+        the run's checkpoint when one exists (a retry after the worker died). A task without a GPU stays off
+        any GPU that Ray did not give it."""
+        cfg = self.cfg
+        device = resolve_device("cpu" if cfg.device == "auto" and not gpu else cfg.device)
+        config = {**self.config, "device_resolved": str(device)}  # the run's params name the device it ran on
+        env = RunEnv(cfg, load_inputs(cfg, device), device, config, resume=True)
+        checkpoints = CheckpointCallback(cfg.checkpoint_every, cfg.keep_checkpoints)
+        return execute_run(self.spec, env, ordered(record=record, checkpoint=checkpoints))
+
+
+# ---- one invocation (one results folder) --------------------------------------------------------------------
+@dataclass
+class Invocation:
+    """One results folder being written: its runs (those still to run: `pending`), callbacks and outcome.
+    An executor calls begin, then runs `pending` (execute here, or task elsewhere), then close."""
+
+    env: RunEnv
+    runs: list[RunSpec]
+    kept: dict[str, dict[str, Any]]        # run key -> summary of the runs already finished (resume)
+    store: ResultsStore
     dataset_name: str
-    device: torch.device
-    target: float
-    results: ResultsFolder
-    trackers: list[Tracker]
-    config: dict[str, Any]                 # the resolved config the trackers receive
     resuming: bool
-    uses_mlflow: bool
-    pending: list[tuple[int, Any]]         # (seed, algorithm class) still to run
+    use_mlflow: bool
+    remote: bool
     outcome: InvocationResult
-    inputs: tuple | None = None            # (dataset, DeviceData, splits by seed) when kept for running here
+    callbacks: CallbackList | None = None  # this process's (begin): results folder, checkpoints, MLflow, progress
+
+    @property
+    def cfg(self) -> RunConfig:
+        return self.env.cfg
 
     @property
     def root(self) -> Path:
-        return self.results.root
+        return self.store.root
+
+    @property
+    def pending(self) -> list[RunSpec]:
+        return [r for r in self.runs if r.key not in self.kept]
 
     def header(self) -> str:
         cfg = self.cfg
-        return (f"bench: {', '.join(c.name for c in self.algo_classes)} on {self.dataset_name} "
+        return (f"bench: {', '.join(dict.fromkeys(r.name for r in self.runs))} on {self.dataset_name} "
                 f"({cfg.num_clients} clients, C={cfg.participation}, {cfg.rounds} rounds, E={cfg.local_epochs}, "
-                f"seeds {cfg.seeds}) on {self.config['device_resolved']}; results in {self.root}"
+                f"seeds {cfg.seeds}) on {self.env.config['device_resolved']}; results in {self.root}"
                 + ("  [resumed]" if self.resuming else ""))
+
+    def begin(self, progress: Progress) -> None:
+        """Start the callbacks and hand them the runs kept from before. Where the runs execute elsewhere
+        (Ray), the checkpoints are theirs: this process's callbacks are the results folder, MLflow, progress."""
+        progress.echo(self.header())
+        cfg, output_dir = self.cfg, Path(self.cfg.output_dir)
+        mlflow = make_mlflow_callback(cfg.tracking_uri or default_tracking_uri(output_dir), cfg.experiment,
+                                      output_dir, self.store) if self.use_mlflow else None
+        checkpoints = None if self.remote else CheckpointCallback(cfg.checkpoint_every, cfg.keep_checkpoints)
+        self.callbacks = ordered(record=ResultsFolderCallback(self.store), checkpoint=checkpoints, mirror=mlflow,
+                                 display=ProgressCallback(progress))
+        self.callbacks.on_invocation_start(InvocationInfo(self.root.name, self.env.config), self.resuming)
+        for key, summary in self.kept.items():
+            self.outcome.summaries[key] = summary
+            self.outcome.skipped.append(key)
+            self.callbacks.on_run_kept(key, summary)
+            progress.echo(f"{key}: already finished in {self.root}; kept")
+
+    def execute(self, spec: RunSpec) -> None:
+        """Run `spec` here, in this process."""
+        self.record(spec.key, *execute_run(spec, self.env, self.callbacks))
+
+    def task(self, spec: RunSpec) -> RunTask:
+        """`spec` to execute elsewhere (paths absolute: a worker's working directory may differ)."""
+        checkpoint = spec.checkpoint.resolve() if spec.checkpoint is not None else None
+        return RunTask(worker_config(self.cfg), dataclasses.replace(spec, checkpoint=checkpoint), self.env.config)
+
+    def estimate(self) -> dict[str, float]:
+        """The up-front time estimate of every algorithm (estimate_seconds), with this process's threads."""
+        inputs = self.env.inputs
+        return estimate_seconds(self.cfg, inputs.data, inputs.splits[self.pending[0].seed], self.env.device, self.runs)
+
+    def drop_inputs(self) -> None:
+        """Free the data where the runs load their own (Ray workers)."""
+        self.env.inputs = None
 
     def record(self, key: str, summary: dict[str, Any], status: str) -> None:
         self.outcome.summaries[key] = summary
@@ -230,9 +227,9 @@ class Invocation:
             self.outcome.failed[key] = summary.get("error", status)
 
     def abort(self) -> None:
-        """Interrupted (a UserError inside a run, Ctrl-C): close the trackers; the caller re-raises."""
-        for t in self.trackers:
-            t.end_invocation([self.root / "summary.csv"], "FAILED")
+        """Interrupted (a UserError inside a run, Ctrl-C): end the callbacks; the caller re-raises."""
+        if self.callbacks is not None:
+            self.callbacks.on_invocation_end([self.store.summary_table_path], "FAILED")
 
     def close(self, progress: Progress) -> InvocationResult:
         status = "FAILED" if self.outcome.failed else "FINISHED"
@@ -244,236 +241,66 @@ class Invocation:
                                                 f"C={self.cfg.participation}")
         except Exception as err:  # figures are a convenience: never lose a run's results over them
             warnings.warn(f"could not draw the plots of {self.root} ({type(err).__name__}: {err})", stacklevel=2)
-        for t in self.trackers:
-            t.end_invocation([self.root / "summary.csv", *plots], status)
-        self.outcome.mlflow_unsynced = bool(self.uses_mlflow and self.results.mlflow_info().get("unsynced"))
+        self.callbacks.on_invocation_end([self.store.summary_table_path, *plots], status)
+        self.outcome.mlflow_unsynced = bool(self.use_mlflow and self.store.mlflow_info().get("unsynced"))
         progress.echo(f"done: results in {self.root}")
         if self.outcome.mlflow_unsynced:
             progress.echo(f"note: MLflow misses part of this invocation; upload it with `bench sync {self.root}`")
         return self.outcome
 
+    def release(self) -> None:
+        self.store.release()
 
-def load_inputs(cfg: RunConfig, device: torch.device) -> tuple:
-    """(dataset, DeviceData, client splits by seed)."""
-    dataset = load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None, seed=cfg.seeds[0])
-    data = DeviceData(dataset, device, augment=cfg.augment)
-    return dataset, data, {seed: client_splits(cfg, dataset, seed, device) for seed in cfg.seeds}
+
+def worker_config(cfg: RunConfig) -> RunConfig:
+    """The config a worker receives: relative paths made absolute (a worker's working directory may differ)."""
+    def absolute(path: str | None) -> str | None:
+        return str(Path(path).resolve()) if path and Path(path).exists() else path
+
+    return dataclasses.replace(cfg, dataset=absolute(cfg.dataset), data_dir=absolute(cfg.data_dir))
 
 
 def open_invocation(cfg: RunConfig, *, use_mlflow: bool = True, resume: bool = False,
                     remote: bool = False) -> Invocation:
-    """Check `cfg` (bad input is refused before anything is written), take its results folder, start the
-    trackers and keep the finished runs of a resumed folder. The caller must `results.release()`.
-    `remote`: the runs execute on Ray workers, which pick their own device; the checks run on this CPU."""
+    """Plan `cfg` (bad input is refused before anything is written), take its results folder and find the
+    runs a resumed folder already finished. The caller must `release()` it. `remote`: the runs execute on Ray
+    workers, which pick their own device; the checks run on this CPU."""
     device = torch.device("cpu") if remote else resolve_device(cfg.device)
-    algo_classes = resolve_algorithms(cfg.algorithms)
+    runs = plan_runs(cfg)
     if resume and cfg.run_name is None:
         raise UserError(NEEDS_RUN_NAME)
     inputs = load_inputs(cfg, device)
-    dataset, data, splits_by_seed = inputs
-    cfg = resolve_dataset_defaults(cfg, dataset.num_classes)  # what the folder records and every run uses
-    check_algorithms(cfg, algo_classes, data, splits_by_seed[cfg.seeds[0]], device)
-    target = cfg.target_accuracy
-    hashes = {str(seed): partition_sha256(splits) for seed, splits in splits_by_seed.items()}
+    cfg = resolve_dataset_defaults(cfg, inputs.dataset.num_classes)  # what the folder records and every run uses
+    check_algorithms(cfg, runs, inputs, device)
+    hashes = {str(seed): partition_sha256(splits) for seed, splits in inputs.splits.items()}
     root, resuming = results_root(cfg, resume, hashes)
-    results = ResultsFolder(root)
-    results.acquire()
-    try:
-        trackers: list[Tracker] = [results]
-        if use_mlflow:
-            output_dir = Path(cfg.output_dir)
-            mlflow_tracker = make_mlflow_tracker(cfg.tracking_uri or default_tracking_uri(output_dir),
-                                                 cfg.experiment, output_dir, results)
-            if mlflow_tracker is not None:
-                trackers.append(mlflow_tracker)
-        config = {**cfg.to_dict(), "run_name": root.name, "device_resolved": f"ray worker ({cfg.device})" if remote
-                  else str(device), "target_acc": target, "partition_hashes": hashes, "torch": torch.__version__}
-        for t in trackers:
-            resume_hook = getattr(t, "resume_invocation", None) if resuming else None
-            (resume_hook or t.start_invocation)(root.name, config)
-    except BaseException:
-        results.release()
-        raise
-    inv = Invocation(cfg, algo_classes, dataset.name, device, target, results, trackers, config, resuming,
-                     use_mlflow, [], InvocationResult(root), inputs)
-    for seed, cls in [(seed, cls) for seed in cfg.seeds for cls in algo_classes]:
-        key = run_key(cls.name, seed)
-        finished = results.finished_summary(key) if resuming else None
-        if finished is None:
-            inv.pending.append((seed, cls))
-            continue
-        summary = {k: v for k, v in finished.items() if k != "status"}
-        inv.outcome.summaries[key] = summary
-        inv.outcome.skipped.append(key)
-        results.record_summary(key, summary, "FINISHED")
-        for t in trackers:  # e.g. killed after the folder had its end but before MLflow did
-            if hasattr(t, "sync_run"):
-                t.sync_run(key)
-    return inv
+    store = ResultsStore(root)
+    store.acquire()
+    runs = with_checkpoints(runs, store, cfg)
+    config = {**cfg.to_dict(), "run_name": root.name, "device_resolved": f"ray worker ({cfg.device})" if remote
+              else str(device), "target_acc": cfg.target_accuracy, "partition_hashes": hashes,
+              "torch": torch.__version__}
+    kept = {}
+    for spec in runs if resuming else []:
+        finished = store.finished_summary(spec.key)
+        if finished is not None:
+            kept[spec.key] = {k: v for k, v in finished.items() if k != "status"}
+    return Invocation(RunEnv(cfg, inputs, device, config, resume=resuming), runs, kept, store, inputs.dataset.name,
+                      resuming, use_mlflow, remote, InvocationResult(root))
 
 
-def run_invocation(cfg: RunConfig, *, show_progress: bool = True, use_mlflow: bool = True,
-                   resume: bool = False, executor=None) -> InvocationResult:
-    """Run every (seed, algorithm) of `cfg`. `resume=True` continues the results folder
-    <output_dir>/<run_name> if it holds this run (finished runs are kept, the others continue from their
-    last checkpoint), and starts it otherwise. `executor` (bench.executors.ExecutorOptions) picks where
-    the runs execute: here one after the other (default), or as parallel Ray tasks."""
+# ---- entry points -----------------------------------------------------------------------------------------
+def run_invocations(cfgs: list[RunConfig], *, show_progress: bool = True, use_mlflow: bool = True,
+                    resume: bool = False, executor: Executor | ExecutorOptions | None = None) -> list[InvocationResult]:
+    """Run every (seed, algorithm) of each setting in `cfgs` with `executor` (default: here, one after the
+    other; on Ray every run of every setting is one task, all in parallel). `resume=True` continues the
+    results folder <output_dir>/<run_name> if it holds the run (finished runs are kept, the others continue
+    from their last checkpoint), and starts it otherwise."""
+    opener = functools.partial(open_invocation, use_mlflow=use_mlflow, resume=resume)
+    return make_executor(executor).run(cfgs, opener, show_progress)
+
+
+def run_invocation(cfg: RunConfig, *, show_progress: bool = True, use_mlflow: bool = True, resume: bool = False,
+                   executor: Executor | ExecutorOptions | None = None) -> InvocationResult:
     return run_invocations([cfg], show_progress=show_progress, use_mlflow=use_mlflow, resume=resume,
                            executor=executor)[0]
-
-
-def run_invocations(cfgs: list[RunConfig], *, show_progress: bool = True, use_mlflow: bool = True,
-                    resume: bool = False, executor=None) -> list[InvocationResult]:
-    """Several settings (e.g. a paper recipe's grid): on Ray every run of every setting is one task and they
-    all run in parallel; here the settings run one after the other."""
-    if executor is not None and executor.kind == "ray":
-        from bench.executors import run_on_ray
-
-        return run_on_ray(cfgs, executor, show_progress=show_progress, use_mlflow=use_mlflow, resume=resume)
-    outcomes = []
-    for cfg in cfgs:
-        inv = open_invocation(cfg, use_mlflow=use_mlflow, resume=resume)
-        try:
-            outcomes.append(run_here(inv, show_progress))
-        finally:
-            inv.results.release()
-    return outcomes
-
-
-def run_here(inv: Invocation, show_progress: bool) -> InvocationResult:
-    """The local executor: the pending runs one after the other in this process."""
-    cfg = inv.cfg
-    threads_before = torch.get_num_threads()
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    dataset, data, splits_by_seed = inv.inputs
-    progress = Progress(cfg.rounds * len(inv.pending), enabled=show_progress)
-    progress.echo(inv.header())
-    for key in inv.outcome.skipped:
-        progress.echo(f"{key}: already finished in {inv.root}; kept")
-    try:
-        if inv.pending:
-            estimate = estimate_seconds(cfg, data, splits_by_seed[inv.pending[0][0]], inv.device)
-            progress.echo("estimated time: " + ", ".join(f"{k} ~{fmt_duration(v)}" for k, v in estimate.items())
-                          + f"; total ~{fmt_duration(sum(estimate.values()))}")
-        for seed, algo_cls in inv.pending:
-            summary, status = execute_run(cfg, algo_cls, seed, data, splits_by_seed[seed], inv.device, inv.trackers,
-                                          progress, inv.target, inv.config, dataset.name, resume=inv.resuming,
-                                          checkpoint_dir=checkpoint_dir(inv, run_key(algo_cls.name, seed)))
-            inv.record(run_key(algo_cls.name, seed), summary, status)
-    except BaseException:
-        inv.abort()
-        raise
-    finally:
-        torch.set_num_threads(threads_before)  # the option is per run, not for the rest of this process
-    return inv.close(progress)
-
-
-def checkpoint_dir(inv: Invocation, key: str) -> Path | None:
-    return inv.results.run_dir(key) / "checkpoint" if inv.cfg.checkpoint_every > 0 else None
-
-
-def publish(trackers: list[Tracker], key: str, step: int, metrics: dict[str, float], between=None) -> None:
-    """Send one round: durable trackers (the results folder) first, then `between` (the checkpoint), then
-    the others (MLflow), so a crash never leaves MLflow ahead of the results folder."""
-    for t in trackers:
-        if getattr(t, "durable", False):
-            t.log_round(key, step, metrics)
-    if between is not None:
-        between()
-    for t in trackers:
-        if not getattr(t, "durable", False):
-            t.log_round(key, step, metrics)
-
-
-def execute_run(cfg: RunConfig, algo_cls, seed: int, data: DeviceData, splits: list[ClientSplit],
-                device: torch.device, trackers: list[Tracker], progress: Progress, target: float,
-                config: dict[str, Any], dataset_name: str, *, resume: bool = False,
-                checkpoint_dir: Path | None = None) -> tuple[dict[str, Any], str]:
-    """One (algorithm, seed) run through the round loop, every round sent to the trackers.
-    Returns (summary, status); an exception inside the run (or a non-finite training loss, detected in the
-    round it appears) marks it FAILED instead of propagating. With a `checkpoint_dir` the run checkpoints
-    every cfg.checkpoint_every rounds; `resume=True` continues from that checkpoint."""
-    key = run_key(algo_cls.name, seed)
-    hparams = algo_cls.hparams_for(cfg)
-    params = {**{k: v for k, v in config.items() if k != "partition_hashes"}, "algorithm": algo_cls.name,
-              "seed": seed, "partition_hash": partition_sha256(splits), "hparams": vars(hparams)}
-    tags = {"algorithm": algo_cls.name, "dataset": dataset_name, "seed": str(seed),
-            "setting": f"N={cfg.num_clients},C={cfg.participation}", "model_group": cfg.model_group}
-    checkpoint = RunCheckpoint(checkpoint_dir) if checkpoint_dir is not None else None
-    saved = None
-    if resume and checkpoint is not None and checkpoint.exists():
-        try:
-            saved = checkpoint.load()
-        except CheckpointError as err:
-            warnings.warn(f"{key}: {err}; this run starts over", stacklevel=2)
-    start_step = saved[1]["step"] if saved is not None else (-1 if resume else None)
-    for t in trackers:
-        if start_step is None or not hasattr(t, "resume_run"):
-            t.start_run(key, params, tags)
-        else:
-            t.resume_run(key, params, tags, start_step)
-    history: list[dict[str, Any]] = []
-    clients: list[dict[str, Any]] = []
-    status = "FINISHED"
-
-    def save_checkpoint(sim: Simulation, step: int) -> None:
-        nonlocal checkpoint
-        try:
-            tensors, sim_meta = sim.state_dict()
-            packer = Packer()
-            meta = {"run": key, "step": step, "history": packer.pack(history, "history"), "sim": sim_meta}
-            checkpoint.save(tensors | packer.tensors, meta)
-        except Exception as err:  # e.g. a full disk, or state the format cannot hold: the run goes on
-            warnings.warn(f"{key}: checkpoint after round {step} failed ({type(err).__name__}: {err}); "
-                          "the run continues without checkpoints", stacklevel=2)
-            checkpoint = None
-
-    try:
-        sim = Simulation(cfg, algo_cls, seed, data, splits, device)
-        if saved is not None:
-            tensors, meta = saved
-            try:
-                if meta.get("run") != key:
-                    raise ValueError(f"it belongs to run {meta.get('run')!r}, not {key!r}")
-                sim.load_state_dict(tensors, meta["sim"])
-                history = unpack(meta["history"], tensors)
-            except Exception as err:
-                raise CheckpointError(f"cannot restore {checkpoint.file} ({type(err).__name__}: {err}); "
-                                      "delete it to start this run over") from err
-            progress.echo(f"{key}: resuming after round {meta['step']} from {checkpoint.file}")
-            for row in history:  # trackers that missed rounds the checkpoint holds get them (others skip them)
-                publish(trackers, key, row["step"], {k: v for k, v in row.items() if k != "step"})
-        else:
-            initial = sim.initial_metrics()
-            history.append({"step": 0, **initial})
-            publish(trackers, key, 0, initial)
-        best = max(h.get("acc_mean", -math.inf) for h in history)
-        for round_index in range(sim.rounds_done, cfg.rounds):
-            metrics = sim.run_round(round_index)
-            if not math.isfinite(metrics["train_loss"]):
-                raise FloatingPointError(f"non-finite training loss in round {round_index + 1}")
-            step = round_index + 1
-            history.append({"step": step, **metrics})
-            due = checkpoint is not None and step % cfg.checkpoint_every == 0 and step < cfg.rounds
-            publish(trackers, key, step, metrics, (lambda: save_checkpoint(sim, step)) if due else None)
-            best = max(best, metrics.get("acc_mean", best))
-            progress.round_done(key, step, cfg.rounds, metrics, best, metrics.get("cum_round_time", 0.0))
-        clients = sim.client_table()
-        summary = run_summary(history, target)
-    except UserError as err:
-        for t in trackers:
-            t.end_run(key, {**(run_summary(history, target) if history else {}), "error": str(err)}, [], "FAILED")
-        raise
-    except Exception as err:  # isolate the failure: the other algorithms still run
-        status = "FAILED"
-        reason = f"{type(err).__name__}: {err}"
-        summary = {**(run_summary(history, target) if history else {}), "error": reason}
-        progress.echo(f"{key}: FAILED ({reason})")
-        if progress.enabled:
-            traceback.print_exc()
-    for t in trackers:
-        t.end_run(key, summary, clients, status)
-    if status == "FINISHED" and checkpoint is not None and not cfg.keep_checkpoints:
-        checkpoint.remove()
-    return summary, status

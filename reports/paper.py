@@ -33,9 +33,8 @@ import pandas as pd
 
 from reports import analysis, plots, tables
 from reports.report import Item, Section, figure_item, slug, table_item, write_index
+from bench.store import MLFLOW_DB, ResultsStore, default_tracking_uri, run_key
 from reports.results import Group, Run, dataset_label, display_name, group_runs, load_folder
-
-MLFLOW_DB = "mlflow.db"
 
 
 # ---- scales -----------------------------------------------------------------------------------------------------
@@ -116,14 +115,13 @@ class Cell:
         return "-".join(str(p).replace("/", "_") for p in parts)
 
 
-# RunConfig fields that do not change a run's numbers (where things go, how they are tracked or counted).
-NOT_IDENTITY = ("output_dir", "run_name", "data_dir", "device", "threads", "tracking_uri", "experiment", "offload_state",
-                "flop_cache", "eval_batch_size", "algorithms", "seeds", "algo", "dataset")
+# Results-changing RunConfig fields that a cell's identity holds apart from its "config" (in its own terms).
+OWN_ENTRIES = ("algorithms", "seeds", "algo", "dataset")
 
 
 @functools.lru_cache(maxsize=None)
 def cell_identity(c: "Cell", sets: tuple[str, ...]) -> dict[str, Any]:
-    from bench.config import load_config
+    from bench.config import load_config, results_fields
     from bench.registry import resolve_algorithms
 
     options: dict[str, Any] = {**c.config, "algorithms": [c.algorithm], "seeds": [c.seed]}
@@ -135,14 +133,14 @@ def cell_identity(c: "Cell", sets: tuple[str, ...]) -> dict[str, Any]:
     defaults = vars(cls.make_hparams(None))
     return {"dataset": c.dataset, "subset": c.subset, "algorithm": cls.name, "seed": c.seed, "hparams": hparams,
             "non_default_hparams": {k: v for k, v in hparams.items() if defaults.get(k) != v},
-            "config": {k: v for k, v in cfg.to_dict().items() if k not in NOT_IDENTITY}}
+            "config": {k: v for k, v in cfg.to_dict().items() if k in results_fields() and k not in OWN_ENTRIES}}
 
 
-def cell(scale: Scale, dataset: str, algorithm: str, seed: int, group: str, *, num_clients: int,
-         participation: float, classes: int | None = None, hparams: dict | None = None, method: str | None = None,
-         x: Any = None, **extra) -> Cell:
-    settings = {**scale.base, "num_clients": num_clients, "participation": participation,
-                "classes_per_client": classes or default_classes(dataset), **extra}
+def cell(scale: Scale, dataset: str, algorithm: str, seed: int, group: str, settings: dict[str, Any], *,
+         hparams: dict | None = None, method: str | None = None, x: Any = None) -> Cell:
+    """A cell of `scale`: `settings` (RunConfig fields: num_clients, participation, ...) over the scale's base
+    and the dataset's default classes per client."""
+    settings = {**scale.base, "classes_per_client": default_classes(dataset), **settings}
     return Cell(dataset, tuple(sorted(settings.items())), algorithm, tuple(sorted((hparams or {}).items())), seed,
                 group, method or algorithm, x, scale.subset)
 
@@ -174,7 +172,7 @@ def methods_of(scale: Scale, registered: list[str]) -> list[str]:
 
 
 def t1_grid(scale: Scale, methods: list[str]) -> list[Cell]:
-    return [cell(scale, d, m, s, setting_group(scale, d, n, c), num_clients=n, participation=c)
+    return [cell(scale, d, m, s, setting_group(scale, d, n, c), {"num_clients": n, "participation": c})
             for d in scale.datasets for (n, c) in scale.settings for m in methods for s in scale.seeds]
 
 
@@ -186,15 +184,15 @@ def noniid_grid(scale: Scale, methods: list[str]) -> list[Cell]:
     n, c = scale.sweep_setting
     return sweep_grid(scale, methods, lambda d: scale.classes.get(d, (default_classes(d),)),
                       lambda d, m, s, k: cell(scale, d, m, s, f"{data_label(scale, d)} · N={n}, C={100 * c:g}%",
-                                              num_clients=n, participation=c, classes=k, x=k))
+                                              {"num_clients": n, "participation": c, "classes_per_client": k}, x=k))
 
 
 def participation_grid(scale: Scale, methods: list[str]) -> list[Cell]:
     n = scale.participation_clients
     return sweep_grid(scale, methods, lambda d: scale.participation,
                       lambda d, m, s, c: cell(scale, d, m, s, f"{data_label(scale, d)} · N={n}, "
-                                              f"{default_classes(d)} classes/client", num_clients=n,
-                                              participation=c, x=c))
+                                              f"{default_classes(d)} classes/client",
+                                              {"num_clients": n, "participation": c}, x=c))
 
 
 def proposed_only(methods: list[str]) -> list[str]:
@@ -204,24 +202,25 @@ def proposed_only(methods: list[str]) -> list[str]:
 def rank_grid(scale: Scale, methods: list[str]) -> list[Cell]:
     n, c = scale.sweep_setting
     return sweep_grid(scale, proposed_only(methods), lambda d: scale.ranks,
-                      lambda d, m, s, r: cell(scale, d, m, s, setting_group(scale, d, n, c), num_clients=n,
-                                              participation=c, hparams={"rank": r}, method=m, x=r))
+                      lambda d, m, s, r: cell(scale, d, m, s, setting_group(scale, d, n, c),
+                                              {"num_clients": n, "participation": c}, hparams={"rank": r}, method=m,
+                                              x=r))
 
 
 def epochs_grid(scale: Scale, methods: list[str]) -> list[Cell]:
     n, c = scale.sweep_setting
     e = scale.e_local
     return sweep_grid(scale, proposed_only(methods), lambda d: tuple(k for k in scale.epoch_diffs if e + k >= 1),
-                      lambda d, m, s, k: cell(scale, d, m, s, setting_group(scale, d, n, c), num_clients=n,
-                                              participation=c, local_epochs=e,
+                      lambda d, m, s, k: cell(scale, d, m, s, setting_group(scale, d, n, c),
+                                              {"num_clients": n, "participation": c, "local_epochs": e},
                                               hparams={"local_epochs": e, "adapter_epochs": e + k}, method=m, x=k))
 
 
 def ablation_grid(scale: Scale, methods: list[str]) -> list[Cell]:
     n, c = scale.sweep_setting
     return sweep_grid(scale, proposed_only(methods), lambda d: ("iterative", "joint"),
-                      lambda d, m, s, mode: cell(scale, d, m, s, setting_group(scale, d, n, c), num_clients=n,
-                                                 participation=c, hparams={"training": mode},
+                      lambda d, m, s, mode: cell(scale, d, m, s, setting_group(scale, d, n, c),
+                                                 {"num_clients": n, "participation": c}, hparams={"training": mode},
                                                  method=f"{m} ({mode})", x=mode))
 
 
@@ -430,7 +429,7 @@ class Context:
     sets: tuple[str, ...] = ()                                # --set KEY=VALUE for every cell
     progress: bool = True
     echo: Callable[[str], None] = print
-    executor: Any = None                                      # bench.executors.ExecutorOptions; None: local
+    executor: Any = None                                      # a bench.executors.Executor (or its options); None: local
 
     @property
     def runs_dir(self) -> Path:
@@ -438,7 +437,7 @@ class Context:
 
     @property
     def tracking_uri(self) -> str:
-        return f"sqlite:///{(self.runs_dir / MLFLOW_DB).resolve()}"
+        return default_tracking_uri(self.runs_dir)
 
     @property
     def experiment(self) -> str:
@@ -469,13 +468,7 @@ def cell_status(root: Path, c: Cell) -> str:
     """'done' (finished: reuse), 'partial' (folder without a finished run: delete and re-run) or 'missing'."""
     if not root.exists():
         return "missing"
-    summary = root / "summary.csv"
-    key = f"{c.algorithm}-seed{c.seed}"
-    if summary.exists() and (root / "runs" / key / "metrics.csv").exists():
-        rows = pd.read_csv(summary)
-        if ((rows["run"] == key) & (rows["status"] == "FINISHED")).any():
-            return "done"
-    return "partial"
+    return "done" if ResultsStore(root).listed_as_finished(run_key(c.algorithm, c.seed)) else "partial"
 
 
 def subset_dataset(name: str, subset: tuple[int, int], data_dir: str | None, cache: Path) -> str:
@@ -506,7 +499,7 @@ def subset_dataset(name: str, subset: tuple[int, int], data_dir: str | None, cac
 
 def drop_cell(root: Path, name: str, ctx: Context) -> None:
     """Delete a cell that did not finish: its folder and its MLflow runs (parent and children)."""
-    shutil.rmtree(root, ignore_errors=True)
+    ResultsStore(root).remove()
     client, exp_id = mlflow_client(ctx)
     if client is None:
         return
@@ -572,33 +565,30 @@ def plan_cell(c: Cell, ctx: Context, datasets: dict[str, str]) -> tuple[dict[str
 
 
 def run_cells(name: str, cells: list[Cell], ctx: Context, datasets: dict[str, str]) -> list[dict[str, Any]]:
-    """Run the cells that are not finished: one after the other, or all at once as Ray tasks
-    (ctx.executor); then tag every cell's MLflow runs and record its config."""
+    """Run the cells that are not finished: one after the other, or all at once where the executor runs a
+    grid's runs together (Ray: the cells then share the grid's wall time); then tag every cell's MLflow runs
+    and record its config."""
     from bench import runner
+    from bench.executors import make_executor
 
+    executor = make_executor(ctx.executor)
     plans = [plan_cell(c, ctx, datasets) for c in cells]
     todo = [(record, cfg) for record, cfg in plans if cfg is not None]
-    if ctx.executor is not None and ctx.executor.kind == "ray":
+    batches = [todo] if executor.concurrent and todo else [[item] for item in todo]
+    for i, batch in enumerate(batches, 1):
+        if not executor.concurrent:
+            ctx.echo(f"[{name} {i}/{len(todo)}] {batch[0][0]['cell']}")
         start = time.perf_counter()
-        outcomes = runner.run_invocations([cfg for _, cfg in todo], show_progress=ctx.progress,
-                                          executor=ctx.executor)
-        seconds = [round(time.perf_counter() - start, 2)] * len(todo)  # the grid's wall time: the runs overlap
-    else:
-        outcomes, seconds = [], []
-        for i, (record, cfg) in enumerate(todo, 1):
-            ctx.echo(f"[{name} {i}/{len(todo)}] {record['cell']}")
-            start = time.perf_counter()
-            outcomes.append(runner.run_invocation(cfg, show_progress=ctx.progress))
-            seconds.append(round(time.perf_counter() - start, 2))
-    for (record, _), outcome, wall in zip(todo, outcomes, seconds):
-        record["wall_s"] = wall
-        record["status"] = "failed" if outcome.failed else "ran"
-        if outcome.failed:
-            record["error"] = "; ".join(outcome.failed.values())
+        outcomes = runner.run_invocations([cfg for _, cfg in batch], show_progress=ctx.progress, executor=executor)
+        wall = round(time.perf_counter() - start, 2)
+        for (record, _), outcome in zip(batch, outcomes):
+            record["wall_s"] = wall
+            record["status"] = "failed" if outcome.failed else "ran"
+            if outcome.failed:
+                record["error"] = "; ".join(outcome.failed.values())
     for c, (record, _) in zip(cells, plans):
         tag_cell(record["cell"], c, name, ctx)
-        config_path = ctx.runs_dir / record["cell"] / "config.json"
-        record["config"] = json.loads(config_path.read_text()) if config_path.exists() else None
+        record["config"] = ResultsStore(ctx.runs_dir / record["cell"]).config() or None
     return [record for record, _ in plans]
 
 

@@ -16,6 +16,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.store import ResultsStore
 from reports import analysis, plots, tables
 from reports.results import Group, Run, group_runs, label_runs, load_folder
 
@@ -201,5 +202,5 @@ def relative(path: Path, base: Path) -> str:
 def run_report(root: Path, title: str) -> list[Path]:
     """Figures and tables for one results folder, into <root>/plots; returns the files written (the runner
     logs them as MLflow artifacts of the parent run)."""
-    root = Path(root)
-    return build_report(load_folder(root), root / "plots", title=f"Results: {title}" if title else "Results")
+    store = ResultsStore(root)
+    return build_report(load_folder(store.root), store.plots_dir, title=f"Results: {title}" if title else "Results")

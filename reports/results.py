@@ -1,8 +1,7 @@
 """Reading finished runs, from a results folder or from an MLflow store, into one shape (`Run`), so every
 table and figure is drawn from the same data whatever the source.
 
-A results folder is `<root>/config.json, summary.csv, runs/<algo>-seed<k>/{config.json, metrics.csv,
-clients.csv, summary.json}` (bench/tracking.py). MLflow holds the same: one parent run per invocation,
+A results folder is read through its store (bench/store.py, which owns the layout). MLflow holds the same: one parent run per invocation,
 one child run per (algorithm, seed) with tags algorithm/dataset/seed/setting, params = the flattened
 config, metrics per round (step = round), `summary.*` metrics, and clients.csv as an artifact."""
 from __future__ import annotations
@@ -15,6 +14,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import pandas as pd
+
+import bench.callbacks.mlflow_client  # noqa: F401  (MLflow's environment, before mlflow loads: no telemetry)
+from bench.store import ResultsStore, parse_run_key, run_key
 
 # Methods in display order: the paper's method, its six baselines, then the reference points.
 METHOD_ORDER = ("pfedlora", "feddistill", "fml", "fedkd", "lgfedavg", "fedgh", "fedapen", "standalone", "fedavg")
@@ -110,46 +112,40 @@ def group_label(params: dict[str, Any], tags: dict[str, str] | None = None) -> s
 
 
 # ---- results folders --------------------------------------------------------------------------------------
-def read_json(path: Path) -> Any:
-    return json.loads(path.read_text())
-
-
-def is_results_folder(path: Path) -> bool:
-    return (path / "config.json").is_file() and (path / "runs").is_dir()
-
-
-def expand_folders(paths: Iterable[Path]) -> list[Path]:
-    """Results folders under the given paths: a results folder itself, or a folder whose subfolders are."""
-    out: list[Path] = []
-    for path in paths:
-        path = Path(path)
-        if is_results_folder(path):
-            out.append(path)
-        elif path.is_dir():
-            out.extend(sorted(p for p in path.iterdir() if p.is_dir() and is_results_folder(p)))
-    return out
+def frame(rows: list[dict[str, str]]) -> pd.DataFrame:
+    """CSV rows (strings) as a DataFrame: a column of integers as int64, of numbers as float64 (an empty cell
+    is NaN), any other as strings."""
+    columns = {}
+    for name in dict.fromkeys(k for row in rows for k in row):
+        values = [row.get(name, "") for row in rows]
+        try:
+            numbers = [math.nan if v in ("", None) else float(v) for v in values]
+        except ValueError:
+            columns[name] = values
+            continue
+        integral = all(v not in ("", None) and v.lstrip("-").isdigit() for v in values)
+        columns[name] = [int(v) for v in values] if integral else numbers
+    return pd.DataFrame(columns)
 
 
 def load_folder(root: Path) -> list[Run]:
-    """Every run of one results folder (finished or not)."""
-    root = Path(root)
-    invocation = read_json(root / "config.json") if (root / "config.json").exists() else {}
+    """Every run of one results folder (finished or not), read through its store (bench/store.py)."""
+    store = ResultsStore(Path(root))
+    invocation = store.config()
     runs = []
-    for run_dir in sorted((root / "runs").glob("*")):
-        metrics_path = run_dir / "metrics.csv"
-        if not metrics_path.exists():
+    for key in store.run_keys():
+        if not store.has_rows(key):
             continue
-        meta = read_json(run_dir / "config.json") if (run_dir / "config.json").exists() else {}
+        meta = store.run_config(key)
         params = {**invocation, **meta.get("params", {})}
         tags = dict(meta.get("tags", {}))
-        summary = read_json(run_dir / "summary.json") if (run_dir / "summary.json").exists() else {}
-        algorithm, _, seed = run_dir.name.rpartition("-seed")
-        clients_path = run_dir / "clients.csv"
+        summary = store.summary(key)
+        algorithm, seed = parse_run_key(key)
         runs.append(Run(
-            key=run_dir.name, algorithm=tags.get("algorithm", algorithm), seed=int(tags.get("seed", seed or 0)),
+            key=key, algorithm=tags.get("algorithm", algorithm), seed=int(tags.get("seed", seed)),
             status=summary.get("status", "RUNNING"), params=params, tags=tags, summary=summary,
-            metrics=pd.read_csv(metrics_path), clients=pd.read_csv(clients_path) if clients_path.exists() else None,
-            source=str(run_dir)))
+            metrics=frame(store.rows(key)), clients=frame(store.clients(key)) if store.has_clients(key) else None,
+            source=str(store.run_dir(key))))
     return runs
 
 
@@ -255,7 +251,7 @@ def mlflow_run(client, run) -> Run:
             clients = None
     algorithm = tags.get("algorithm") or str(params.get("algorithm", "?"))
     seed = int(tags.get("seed", params.get("seed", 0)))
-    return Run(key=f"{algorithm}-seed{seed}", algorithm=algorithm, seed=seed, status=run.info.status,
+    return Run(key=run_key(algorithm, seed), algorithm=algorithm, seed=seed, status=run.info.status,
                params=params, tags=tags, summary=summary, metrics=metrics, clients=clients,
                source=f"mlflow:{run.info.run_id}")
 

@@ -17,16 +17,16 @@ def kill_marker(kill_dir: Path, key: str, step: int) -> Path:
 
 
 def install() -> None:
-    from bench.executors import ForwardingTracker
+    from bench.callbacks.forward import ForwardingCallback
 
-    forward = ForwardingTracker.log_round
+    forward = ForwardingCallback.on_round_end
 
-    def log_round(self, key, step, metrics):
-        forward(self, key, step, metrics)  # returns once the event is in the driver's queue
+    def on_round_end(self, run, step, metrics):
+        forward(self, run, step, metrics)  # returns once the event is in the driver's queue
         try:
-            kill_marker(Path(os.environ[KILL_DIR]), key, step).unlink()
+            kill_marker(Path(os.environ[KILL_DIR]), run.key, step).unlink()
         except (KeyError, FileNotFoundError):
             return
         os.kill(os.getpid(), signal.SIGKILL)
 
-    ForwardingTracker.log_round = log_round
+    ForwardingCallback.on_round_end = on_round_end

@@ -106,22 +106,23 @@ def tiny(tmp_path):
 
 
 def fake_runner(calls: list):
-    """Stands in for bench.runner.run_invocation: writes synthetic runs (real trackers, real MLflow store)."""
-    def run_invocation(cfg, show_progress=True, use_mlflow=True):
-        calls.append(cfg.run_name)
-        write_synthetic_results(Path(cfg.output_dir), cfg.run_name, methods=cfg.algorithms, seeds=cfg.seeds,
-                                rounds=cfg.rounds, clients=cfg.num_clients, participation=cfg.participation,
-                                dataset=cfg.dataset, mlflow=True, experiment=cfg.experiment,
-                                params={"classes_per_client": cfg.classes_per_client})
-        return SimpleNamespace(failed={})
-    return run_invocation
+    """Stands in for bench.runner.run_invocations: writes synthetic runs (real callbacks, real MLflow store)."""
+    def run_invocations(cfgs, show_progress=True, use_mlflow=True, executor=None):
+        for cfg in cfgs:
+            calls.append(cfg.run_name)
+            write_synthetic_results(Path(cfg.output_dir), cfg.run_name, methods=cfg.algorithms, seeds=cfg.seeds,
+                                    rounds=cfg.rounds, clients=cfg.num_clients, participation=cfg.participation,
+                                    dataset=cfg.dataset, mlflow=True, experiment=cfg.experiment,
+                                    params={"classes_per_client": cfg.classes_per_client})
+        return [SimpleNamespace(failed={}) for _ in cfgs]
+    return run_invocations
 
 
 def test_recipes_reuse_finished_runs_extend_and_rerun_unfinished(tiny, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     calls: list[str] = []
-    monkeypatch.setattr("bench.runner.run_invocation", fake_runner(calls))
+    monkeypatch.setattr("bench.runner.run_invocations", fake_runner(calls))
     monkeypatch.setattr(plots, "FORMATS", ("png",))
     t1 = paper.run_recipe("t1", tiny)
     assert t1["counts"] == {"ran": 4, "reused": 0, "failed": 0} and len(calls) == 4
@@ -189,10 +190,15 @@ def test_bench_paper_cli(tmp_path):
         assert name in result.output
     bad = CliRunner().invoke(cli, ["paper", "t9"], standalone_mode=False)
     assert "unknown recipe 't9'" in str(bad.exception)
-    bad = CliRunner().invoke(cli, ["paper", "t1", "--seeds", "a"], standalone_mode=False)
-    assert "expected integers" in str(bad.exception)
-    dry = CliRunner().invoke(cli, ["paper", "t1", "--dry-run", "--seeds", "0,1", "--out", str(tmp_path)])
-    assert dry.exit_code == 0, dry.output
-    lines = dry.output.strip().splitlines()
-    assert lines and all(line.startswith("missing") for line in lines)
-    assert sum("-s1-" in line for line in lines) == len(lines) // 2
+    for flag in ("--seed", "--seeds"):  # --seeds: the old spelling, still accepted
+        bad = CliRunner().invoke(cli, ["paper", "t1", flag, "a"], standalone_mode=False)
+        assert "expected integers" in str(bad.exception)
+    # The run vocabulary: --seed repeatable (or a list), --output-dir; the old --seeds 0,1 --out the same.
+    for args in (["--seed", "0", "--seed", "1", "--output-dir", str(tmp_path)],
+                 ["--seed", "0,1", "--output-dir", str(tmp_path)],
+                 ["--seeds", "0,1", "--out", str(tmp_path)]):
+        dry = CliRunner().invoke(cli, ["paper", "t1", "--dry-run", *args])
+        assert dry.exit_code == 0, dry.output
+        lines = dry.output.strip().splitlines()
+        assert lines and all(line.startswith("missing") for line in lines)
+        assert sum("-s1-" in line for line in lines) == len(lines) // 2

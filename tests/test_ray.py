@@ -18,9 +18,9 @@ import torch
 ray = pytest.importorskip("ray")
 
 from bench.config import RunConfig  # noqa: E402
-from bench.executors import ExecutorOptions, run_on_ray  # noqa: E402
+from bench.executors import ExecutorOptions  # noqa: E402
 from bench.runner import run_invocations  # noqa: E402
-from bench.tracking import read_csv, read_json  # noqa: E402
+from bench.store import read_csv, read_json  # noqa: E402
 from tests import ray_faults  # noqa: E402
 from tests.conftest import bench_main  # noqa: E402
 from tests.test_paper import tiny  # noqa: E402,F401  (fixture)
@@ -153,7 +153,7 @@ def kill(kill_dir):
 def test_killed_worker_is_retried_from_its_checkpoint_with_identical_results(small_npz, tmp_path, capsys, kill):
     [cfg] = [dataclasses.replace(c, rounds=3, seeds=[0]) for c in grid(small_npz, tmp_path / "ray")[:1]]
     kill("pfedlora-seed0", 2)  # after round 2 reached the driver, before its checkpoint: round 1's is the last
-    [outcome] = run_on_ray([cfg], ExecutorOptions(kind="ray", max_retries=1))
+    [outcome] = run_invocations([cfg], executor=ExecutorOptions(kind="ray", max_retries=1))
     assert not outcome.failed and len(outcome.summaries) == 2
     assert "pfedlora-seed0: continuing after round 1" in capsys.readouterr().err
     reference = dataclasses.replace(cfg, algorithms=["pfedlora"], output_dir=str(tmp_path / "local"))
@@ -166,7 +166,7 @@ def test_killed_worker_is_retried_from_its_checkpoint_with_identical_results(sma
 def test_killed_worker_without_retries_fails_clearly_and_the_grid_completes(small_npz, tmp_path, capsys, kill):
     cfg = dataclasses.replace(grid(small_npz, tmp_path)[0], algorithms=["standalone"], seeds=[0, 1, 2], rounds=3)
     kill("standalone-seed1", 1)
-    [outcome] = run_on_ray([cfg], ExecutorOptions(kind="ray", max_retries=0))
+    [outcome] = run_invocations([cfg], executor=ExecutorOptions(kind="ray", max_retries=0))
     assert set(outcome.failed) == {"standalone-seed1"}
     assert "worker died" in outcome.failed["standalone-seed1"]
     summary = {r["run"]: r["status"] for r in read_csv(tmp_path / "C1.0" / "summary.csv")}

@@ -122,9 +122,9 @@ def test_bad_input_is_one_line_exit_2(args, message, data_dir, tmp_path, monkeyp
 
 
 def test_a_folder_in_use_is_refused(data_dir, tmp_path, monkeypatch, capsys):
-    from bench.tracking import ResultsFolder
+    from bench.store import ResultsStore
 
-    busy = ResultsFolder(tmp_path / "out" / "busy")
+    busy = ResultsStore(tmp_path / "out" / "busy")
     busy.acquire()  # as a running `bench run` does
     try:
         code, _, err = bench_main(monkeypatch, capsys, *small_run(data_dir, tmp_path / "out", "--algo", "standalone",
