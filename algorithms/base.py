@@ -28,9 +28,19 @@ class NoHyperparams:
     """This algorithm has no hyper-parameters beyond the run's training settings."""
 
 
+ROLES = ("proposed", "baseline", "reference")
+
+
 class Algorithm:
     name: ClassVar[str]                   # registry name, e.g. "pfedlora"
     description: ClassVar[str] = ""
+    # How reports show it: the name in tables and legends ("" = `name`), its role (the proposed method, a
+    # baseline, or a reference point such as Standalone), its position in tables and legends (built-ins use
+    # 0-99), and its colour in every figure (a matplotlib colour; "" = a stable colour derived from the name).
+    display_name: ClassVar[str] = ""
+    role: ClassVar[str] = "baseline"
+    table_order: ClassVar[int] = 100
+    colour: ClassVar[str] = ""
     Hyperparams: ClassVar[type] = NoHyperparams
     homogeneous_only: ClassVar[bool] = False  # needs every client on the same architecture (FedAvg)
     # True when predictions depend on server state (FedAvg's global model): then every client is

@@ -37,7 +37,6 @@ import torch.nn.functional as F
 from algorithms.base import (Algorithm, Payload, aggregation_weights, check_aggregation, load_payload, state_payload,
                              weighted_average)
 from bench.errors import UserError
-from bench.registry import register
 from models.groups import ARCHITECTURES
 
 ADAPT_STREAM = 4  # seed offset of the held-out split
@@ -77,9 +76,9 @@ def mixture_loss(p: torch.Tensor, s: torch.Tensor, lam: torch.Tensor, y: torch.T
     return F.nll_loss(torch.log(probs.clamp_min(torch.finfo(probs.dtype).tiny)), y)
 
 
-@register
 class FedAPEN(Algorithm):
     name = "fedapen"
+    display_name, role, table_order, colour = "FedAPEN", "baseline", 60, "#e377c2"
     server_flops_by_upload_shapes = True
     description = "private + shared model by mutual learning, mixed with a learned per-client weight lambda"
     Hyperparams = FedAPENHyperparams

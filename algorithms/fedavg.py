@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from algorithms.base import (Algorithm, Payload, aggregation_weights, check_aggregation, load_payload,
                              state_payload, weighted_average)
 from bench.errors import UserError
-from bench.registry import register
 
 
 @dataclass
@@ -30,9 +29,9 @@ class FedAvgHyperparams:
         check_aggregation("fedavg", self.aggregation)
 
 
-@register
 class FedAvg(Algorithm):
     name = "fedavg"
+    display_name, role, table_order, colour = "FedAvg", "reference", 90, "#bcbd22"
     server_flops_by_upload_shapes = True
     description = "whole-model averaging; model-homogeneous groups only"
     Hyperparams = FedAvgHyperparams

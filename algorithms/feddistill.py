@@ -6,13 +6,17 @@ the client accumulates its (detached) logits per class and uploads the per-class
 holds. The server's logit of class c is the plain mean over the clients that uploaded class c. Prediction:
 the private model.
 
+Options: `exclude_own` (Jeong et al.'s Algorithm 1: client k's target is the mean over the OTHER holders of
+the class, so the server sends each client its own table), the server's memory of classes nobody uploaded
+this round (`aggregation`), and HtFLlib's loss (`distance="ce"`, see distillation_term).
+
 Payloads (bytes are what the simulator measures on these dicts):
 - up: one float32 vector of length `classes` per class the client holds, keyed "logit.<c>":
   |classes_k| x classes floats, as in SPEC. The class id travels in the key, like a parameter's name in a
   state-dict payload, so no index tensor is sent.
-- down: the same layout for every class that has a global logit. Once every class has one that is
-  classes x classes floats (SPEC); before that only the existing rows are sent (in round 0 nothing exists
-  yet, so the download is empty, 0 bytes).
+- down: the same layout for every class that has a global logit (for this client). Once every class has one
+  that is classes x classes floats (SPEC); before that only the existing rows are sent (in round 0 nothing
+  exists yet, so the download is empty, 0 bytes).
 """
 from __future__ import annotations
 
@@ -24,11 +28,10 @@ import torch.nn.functional as F
 
 from algorithms.base import Algorithm, Payload
 from bench.errors import UserError
-from bench.registry import register
 
 KEY_PREFIX = "logit."
-DISTANCES = ("mse", "kl")
-AGGREGATIONS = ("round", "latest")
+DISTANCES = ("mse", "kl", "ce")
+AGGREGATIONS = ("round", "latest", "fresh")
 RECORDS = ("all", "last-epoch")
 NORMALISATIONS = ("batch", "distilled")
 
@@ -36,20 +39,25 @@ NORMALISATIONS = ("batch", "distilled")
 @dataclass
 class FedDistillHyperparams:
     lam: float = 1.0              # lambda, weight of the distillation term
-    # D(f(x), zbar_y): "mse" on logits (SPEC default) or "kl": KL(softmax(zbar_y) || softmax(f(x))).
+    # D(f(x), zbar_y): "mse" on logits (SPEC default), "kl": KL(softmax(zbar_y) || softmax(f(x))), or "ce":
+    # HtFLlib's CrossEntropyLoss(f(x), zbar_y), the raw global logits used as soft-target weights.
     distance: str = "mse"
     # Which logits the client averages per class: "all" = every training step of the round (all E local
     # epochs; the model changes while they are recorded, as in the paper), "last-epoch" = the final epoch only.
     record: str = "all"
-    # Server: "round" = per class, mean over this round's uploaders holding it (classes nobody uploaded keep
+    # Server, per class: "round" = mean over this round's uploaders holding it (classes nobody uploaded keep
     # their previous global logit); "latest" = mean over the most recent upload of every client ever heard
-    # from (matters with partial participation).
+    # from; "fresh" = this round's uploads only, classes nobody uploaded have no global logit (HtFLlib).
+    # They differ only with partial participation.
     aggregation: str = "round"
     # How D is averaged over a batch: "batch" = over all samples of the batch, a sample whose class has no
-    # global logit contributing 0 (as if its target were its own logits); "distilled" = over the samples
-    # whose class has a global logit only. MSE also averages over the `classes` logit entries, KL does not
-    # (batchmean).
+    # global logit taking its own (detached) logits as the target, as in HtFLlib (0 for mse and kl);
+    # "distilled" = over the samples whose class has a global logit only. MSE also averages over the
+    # `classes` logit entries, KL and CE do not.
     normalise: str = "batch"
+    # Client k's target for class c leaves out k's own upload: the mean over the other holders of c (Jeong et
+    # al., Algorithm 1); a class k alone holds then has no target for k. False: one table for all (SPEC).
+    exclude_own: bool = False
 
     def validate(self) -> None:
         if not (self.lam >= 0 and math.isfinite(self.lam)):
@@ -65,40 +73,56 @@ def distillation_term(logits: torch.Tensor, y: torch.Tensor, targets: torch.Tens
                       distance: str, normalise: str) -> torch.Tensor:
     """D(f(x), zbar_y) averaged over the batch; `targets` is the (classes x classes) global logit table and
     `valid` (classes,) marks its rows that exist. No host sync (masks, not boolean indexing)."""
-    target = targets[y]                            # (B, classes)
-    mask = valid[y].to(logits.dtype)               # (B,)
+    has = valid[y]                                                           # (B,)
+    target = torch.where(has.unsqueeze(1), targets[y], logits.detach())      # (B, classes)
     if distance == "mse":
         per_sample = (logits - target).pow(2).mean(dim=1)
-    else:  # KL(softmax(target) || softmax(logits)), summed over classes
+    elif distance == "kl":  # KL(softmax(target) || softmax(logits)), summed over classes
         per_sample = F.kl_div(F.log_softmax(logits, dim=1), F.softmax(target, dim=1), reduction="none").sum(dim=1)
-    total = (per_sample * mask).sum()
+    else:  # "ce": -sum_j target_j log softmax(logits)_j, the raw logits as weights (HtFLlib)
+        per_sample = -(target * F.log_softmax(logits, dim=1)).sum(dim=1)
     if normalise == "batch":
-        return total / len(y)
-    return total / mask.sum().clamp(min=1.0)
+        return per_sample.sum() / len(y)
+    mask = has.to(logits.dtype)
+    return (per_sample * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-@register
 class FedDistill(Algorithm):
     name = "feddistill"
+    display_name, role, table_order, colour = "FedDistill", "baseline", 10, "#1f77b4"
     server_flops_by_upload_shapes = True
     description = "federated distillation: clients share per-class mean logits, distil towards the global ones"
     Hyperparams = FedDistillHyperparams
+    profiles = {
+        # No released code; Algorithm 1 of the paper: targets without the device's own logits, a cross-entropy
+        # regularizer on softmax outputs (kl has its gradient).
+        "official": {"exclude_own": True, "distance": "kl"},
+        "htfllib": {"distance": "ce", "aggregation": "fresh"},
+    }
 
     @classmethod
     def estimated_cost(cls, hp, cfg) -> float:
         return 1.05  # the private model's training plus a cheap per-sample distance
 
     def init_server(self) -> None:
-        c = self.ctx.num_classes
-        self.global_logits = torch.zeros(c, c, device=self.ctx.device)
-        self.valid_classes: set[int] = set()
-        self.latest: dict[int, dict[int, torch.Tensor]] = {}  # client id -> class -> logits ("latest")
+        self.contributions: dict[int, dict[int, torch.Tensor]] = {}  # class -> client id -> its uploaded logits
 
     def init_client(self, client) -> None:
         client.state["model"] = self.ctx.build_model(client.arch)
 
+    def global_logit(self, cls: int, exclude: int | None = None) -> torch.Tensor | None:
+        """Mean of the class's contributions, leaving out client `exclude`; None when nothing is left."""
+        vecs = [vec for cid, vec in self.contributions.get(cls, {}).items() if cid != exclude]
+        return torch.stack(vecs).mean(dim=0) if vecs else None
+
     def server_payload(self, client, round_index: int) -> Payload:
-        return {f"{KEY_PREFIX}{c}": self.global_logits[c] for c in sorted(self.valid_classes)}
+        exclude = client.id if self.hp.exclude_own else None
+        payload = {}
+        for cls in sorted(self.contributions):
+            logit = self.global_logit(cls, exclude)
+            if logit is not None:
+                payload[f"{KEY_PREFIX}{cls}"] = logit
+        return payload
 
     def client_update(self, client, payload: Payload, round_index: int) -> Payload:
         ctx, hp = self.ctx, self.hp
@@ -112,7 +136,10 @@ class FedDistill(Algorithm):
             targets[rows] = torch.stack(list(payload.values())).to(targets.dtype)
             valid[rows] = True
         held = torch.bincount(ctx.data.y_train[client.split.train], minlength=c).nonzero().flatten().tolist()
-        distil = hp.lam > 0 and bool(set(received) & set(held))
+        # With mse/kl a sample of a class without a global logit adds nothing, so the term is needed only when a
+        # held class has one; with "ce" it adds its own-target term whenever anything was received (HtFLlib).
+        needed = bool(received) if hp.distance == "ce" else bool(set(received) & set(held))
+        distil = hp.lam > 0 and needed
 
         sums = torch.zeros(c, c, device=ctx.device)
         counts = torch.zeros(c, device=ctx.device)
@@ -140,21 +167,17 @@ class FedDistill(Algorithm):
         return {f"{KEY_PREFIX}{cls}": means[cls] for cls in counts.nonzero().flatten().tolist()}
 
     def aggregate(self, uploads: dict[int, Payload], round_index: int) -> None:
-        if self.hp.aggregation == "latest":
-            for cid, upload in uploads.items():
-                self.latest[cid] = {int(k[len(KEY_PREFIX):]): v for k, v in upload.items()}
-            per_class = {}
-            for logits in self.latest.values():
-                for cls, vec in logits.items():
-                    per_class.setdefault(cls, []).append(vec)
-        else:
-            per_class = {}
-            for upload in uploads.values():
-                for key, vec in upload.items():
-                    per_class.setdefault(int(key[len(KEY_PREFIX):]), []).append(vec)
-        for cls, vecs in per_class.items():
-            self.global_logits[cls] = torch.stack(vecs).mean(dim=0)
-            self.valid_classes.add(cls)
+        this_round: dict[int, dict[int, torch.Tensor]] = {}
+        for cid, upload in uploads.items():
+            for key, vec in upload.items():
+                this_round.setdefault(int(key[len(KEY_PREFIX):]), {})[cid] = vec
+        if self.hp.aggregation == "fresh":
+            self.contributions = {}
+        for cls, by_client in this_round.items():
+            if self.hp.aggregation == "latest":
+                self.contributions.setdefault(cls, {}).update(by_client)
+            else:
+                self.contributions[cls] = by_client
 
     def predict(self, client, x):
-        return client.state["model"].eval()(x)
+        return client.state["model"](x)

@@ -37,7 +37,6 @@ from torch import nn
 
 from algorithms.base import Algorithm, Payload, load_payload, state_payload
 from bench.errors import UserError
-from bench.registry import register
 
 SERVER_STREAM = 3  # seed offset of the server's shuffling generator
 REPRESENTATIONS = ("exact", "batch-mean")
@@ -83,9 +82,9 @@ def class_id_dtype(num_classes: int) -> torch.dtype:
     return torch.int32
 
 
-@register
 class FedGH(Algorithm):
     name = "fedgh"
+    display_name, role, table_order, colour = "FedGH", "baseline", 50, "#8c564b"
     server_flops_by_upload_shapes = True
     description = "global header trained on the server from the clients' per-class mean representations"
     Hyperparams = FedGHHyperparams

@@ -57,7 +57,6 @@ from torch import nn
 from algorithms.base import Algorithm, Payload, aggregation_weights, check_aggregation, weighted_average
 from bench.accounting import EXTRA_FLOP_FORMULAS, payload_bytes
 from bench.errors import UserError
-from bench.registry import register
 from models.groups import ARCHITECTURES
 
 
@@ -197,9 +196,9 @@ class FedKDHyperparams:
             raise UserError(f"fedkd.conv_svd must be 'matrix' or 'kernel', got {self.conv_svd!r}")
 
 
-@register
 class FedKD(Algorithm):
     name = "fedkd"
+    display_name, role, table_order, colour = "FedKD", "baseline", 30, "#2ca02c"
     description = "private mentor + shared mentee by adaptive mutual distillation; SVD-compressed mentee updates"
     Hyperparams = FedKDHyperparams
     # wuch15/FedKD run.py + model_bert.py and HtFLlib clientkd.py/serverkd.py (/tmp/fidelity/fedkd.md).

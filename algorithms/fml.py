@@ -7,7 +7,11 @@ Each step, with p = P(x), m = M(x):
 (KL with reduction batchmean). P and M have their own optimizers and clipping; because the cross terms
 are detached, one backward of L_P + L_M gives P exactly dL_P/dP and M exactly dL_M/dM.
 Round: the server sends the global M, the client trains (P, M) for E epochs and uploads its M, the server
-takes the n_k-weighted average. Inference: P.
+takes the n_k-weighted average (option: uniform). Inference: P.
+
+Options for the reference codes (profiles): aggregation="uniform" (official code and HtFLlib);
+detach_teacher=False and kl_reduction="mean" (HtFLlib: its KL terms are not detached, so P also gets
+dL_M/dP and M gets dL_P/dM, and nn.KLDivLoss() averages over batch x classes).
 
 Payloads: down and up are the meme's state dict (4 x its parameter count bytes for the CNNs, which have
 no buffers). The client's copy of M is replaced by the global one every round, so it is not personal
@@ -20,10 +24,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from algorithms.base import Algorithm, Payload, load_payload, state_payload, weighted_average
+from algorithms.base import (Algorithm, Payload, aggregation_weights, check_aggregation, load_payload,
+                             state_payload, weighted_average)
 from bench.errors import UserError
-from bench.registry import register
 from models.groups import ARCHITECTURES
+
+KL_REDUCTIONS = ("batchmean", "mean")
 
 
 @dataclass
@@ -31,6 +37,13 @@ class FMLHyperparams:
     alpha: float = 0.5        # weight of CE in the private model's loss L_P
     beta: float = 0.5         # weight of CE in the meme's loss L_M
     meme_arch: str = "cnn5"   # architecture of the shared meme M (SPEC: cnn5, option cnn1; any model works)
+    aggregation: str = "samples"  # server average of the memes: "samples" (n_k, SPEC) or "uniform"
+    # The KL teacher (the other model's softmax) is detached (SPEC, official code); False: gradients also flow
+    # through it, so each model gets the gradient of both losses (HtFLlib).
+    detach_teacher: bool = True
+    # KL reduction: "batchmean" = summed over classes, mean over the batch (SPEC, official); "mean" = mean over
+    # batch x classes, i.e. batchmean / classes (HtFLlib's nn.KLDivLoss() default).
+    kl_reduction: str = "batchmean"
 
     def validate(self) -> None:
         for field in ("alpha", "beta"):
@@ -39,28 +52,39 @@ class FMLHyperparams:
                 raise UserError(f"fml.{field} must be in [0, 1], got {value}")
         if self.meme_arch not in ARCHITECTURES:
             raise UserError(f"fml.meme_arch must be one of {', '.join(ARCHITECTURES)}, got {self.meme_arch!r}")
+        check_aggregation("fml", self.aggregation)
+        if self.kl_reduction not in KL_REDUCTIONS:
+            raise UserError(f"fml.kl_reduction must be one of {', '.join(KL_REDUCTIONS)}, got {self.kl_reduction!r}")
 
 
-def kl_to(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """KL(softmax(teacher).detach || softmax(student)), batchmean: gradient flows into the student only."""
-    return F.kl_div(F.log_softmax(student_logits, dim=1), F.softmax(teacher_logits, dim=1).detach(),
-                    reduction="batchmean")
+def kl_to(student_logits: torch.Tensor, teacher_logits: torch.Tensor, detach: bool = True,
+          reduction: str = "batchmean") -> torch.Tensor:
+    """KL(softmax(teacher) || softmax(student)); with `detach` the gradient flows into the student only."""
+    teacher = F.softmax(teacher_logits, dim=1)
+    kl = F.kl_div(F.log_softmax(student_logits, dim=1), teacher.detach() if detach else teacher,
+                  reduction="batchmean")
+    # "mean" written out: torch warns that its own "mean" will turn into "batchmean"
+    return kl / student_logits.shape[1] if reduction == "mean" else kl
 
 
-def mutual_losses(p: torch.Tensor, m: torch.Tensor, y: torch.Tensor, alpha: float,
-                  beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def mutual_losses(p: torch.Tensor, m: torch.Tensor, y: torch.Tensor, alpha: float, beta: float,
+                  detach: bool = True, reduction: str = "batchmean") -> tuple[torch.Tensor, torch.Tensor]:
     """(L_P, L_M) of deep mutual learning for private logits p and meme logits m."""
-    loss_p = alpha * F.cross_entropy(p, y) + (1 - alpha) * kl_to(p, m)
-    loss_m = beta * F.cross_entropy(m, y) + (1 - beta) * kl_to(m, p)
+    loss_p = alpha * F.cross_entropy(p, y) + (1 - alpha) * kl_to(p, m, detach, reduction)
+    loss_m = beta * F.cross_entropy(m, y) + (1 - beta) * kl_to(m, p, detach, reduction)
     return loss_p, loss_m
 
 
-@register
 class FML(Algorithm):
     name = "fml"
+    display_name, role, table_order, colour = "FML", "baseline", 20, "#ff7f0e"
     server_flops_by_upload_shapes = True
     description = "federated mutual learning: private model and a shared meme model distil into each other"
     Hyperparams = FMLHyperparams
+    profiles = {
+        "official": {"aggregation": "uniform"},
+        "htfllib": {"aggregation": "uniform", "detach_teacher": False, "kl_reduction": "mean"},
+    }
 
     @classmethod
     def estimated_cost(cls, hp, cfg) -> float:
@@ -82,18 +106,19 @@ class FML(Algorithm):
     def client_update(self, client, payload: Payload, round_index: int) -> Payload:
         private, meme = client.state["model"].train(), self.work_meme.train()
         load_payload(meme, payload)
-        alpha, beta = self.hp.alpha, self.hp.beta
+        hp = self.hp
 
         def loss_fn(x, y):
-            loss_p, loss_m = mutual_losses(private(x), meme(x), y, alpha, beta)
-            return loss_p + loss_m
+            loss_p, loss_m = mutual_losses(private(x), meme(x), y, hp.alpha, hp.beta, hp.detach_teacher,
+                                           hp.kl_reduction)
+            return loss_p + loss_m  # one backward: each model's gradient of the losses that reach it
 
-        self.ctx.train(client, [private, meme], loss_fn, self.ctx.cfg.local_epochs,
-                       phase=f"mutual-{self.hp.meme_arch}")
+        phase = f"mutual-{hp.meme_arch}" + ("" if hp.detach_teacher else "-undetached")
+        self.ctx.train(client, [private, meme], loss_fn, self.ctx.cfg.local_epochs, phase=phase)
         return state_payload(meme)
 
     def aggregate(self, uploads: dict[int, Payload], round_index: int) -> None:
-        load_payload(self.global_meme, weighted_average(uploads, self.ctx.client_weights))
+        load_payload(self.global_meme, weighted_average(uploads, aggregation_weights(self.ctx, self.hp.aggregation)))
 
     def predict(self, client, x):
-        return client.state["model"].eval()(x)
+        return client.state["model"](x)

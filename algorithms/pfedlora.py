@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from algorithms.base import (Algorithm, Payload, aggregation_weights, check_aggregation, load_payload,
                              state_payload, weighted_average)
 from bench.errors import UserError
-from bench.registry import register
 from models.adapters import A_INITS, PLACEMENTS, LoRAAdapter, local_and_personalised_logits, personalised_logits
 
 INFERENCES = ("sum", "local")
@@ -64,9 +63,9 @@ class PFedLoRAHyperparams:
         check_aggregation("pfedlora", self.aggregation)
 
 
-@register
 class PFedLoRA(Algorithm):
     name = "pfedlora"
+    display_name, role, table_order, colour = "pFedLoRA", "proposed", 0, "#d62728"
     server_flops_by_upload_shapes = True
     description = "private model + federated low-rank adapter, trained alternately (the paper's method)"
     Hyperparams = PFedLoRAHyperparams

@@ -5,12 +5,11 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from algorithms.base import Algorithm, Payload
-from bench.registry import register
 
 
-@register
 class Standalone(Algorithm):
     name = "standalone"
+    display_name, role, table_order, colour = "Standalone", "reference", 80, "#7f7f7f"
     server_flops_by_upload_shapes = True
     description = "each client trains its own model alone; nothing is communicated"
 

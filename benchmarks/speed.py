@@ -58,7 +58,6 @@ from models.groups import build_model, is_homogeneous  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results"
-REFERENCE_POINTS = ("standalone", "fedavg")  # not among the seven; run them with --algo
 OVERHEAD_PARTS = ("data", "payload_aggregation", "evaluation", "flop_accounting", "algorithm_other",
                   "harness_loop", "tracking_mlflow", "tracking_results_folder")  # beyond forward/backward
 # Overhead parts that explain() gives a specific reason for (the others get only their figure).
@@ -674,7 +673,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     registry = algorithms()
-    names = args.algo or [n for n in registry if n not in REFERENCE_POINTS]
+    names = args.algo or [n for n, cls in registry.items() if cls.role != "reference"]  # the seven; others: --algo
     homogeneous = is_homogeneous(plan.model_group)
     names = [n for n in names if not registry[n].homogeneous_only or homogeneous]
     plan.algorithms = names

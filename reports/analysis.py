@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from reports.results import PROPOSED, REFERENCE_POINTS, Group, Run
+from reports.results import Group, Run, role_of
 
 
 def evaluated(df: pd.DataFrame) -> pd.DataFrame:
@@ -104,8 +104,8 @@ def accuracy_table(groups: list[Group]) -> pd.DataFrame:
 
 def best_baseline(group: Group) -> str | None:
     """The non-pFedLoRA method with the highest mean final accuracy (MHPFL baselines first, see module doc)."""
-    others = [m for m in group.methods if m.split(" ", 1)[0] != PROPOSED]
-    main = [m for m in others if m.split(" ", 1)[0] not in REFERENCE_POINTS] or others
+    others = [m for m in group.methods if role_of(m) != "proposed"]
+    main = [m for m in others if role_of(m) != "reference"] or others
     if not main:
         return None
     finals = {m: mean_std([run_accuracies(r)["final_acc"] for r in group.runs[m]])[0] for m in main}
@@ -113,7 +113,7 @@ def best_baseline(group: Group) -> str | None:
 
 
 def proposed_method(group: Group) -> str | None:
-    candidates = [m for m in group.methods if m.split(" ", 1)[0] == PROPOSED]
+    candidates = [m for m in group.methods if role_of(m) == "proposed"]
     return candidates[0] if candidates else None
 
 

@@ -18,13 +18,11 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from reports.analysis import CostResult  # noqa: E402
-from reports.results import METHOD_ORDER, display_name, method_sort_key  # noqa: E402
+from bench.registry import find_algorithm  # noqa: E402
+from reports.results import display_name, method_sort_key  # noqa: E402
 
-# One colour per method, the same in every figure (pFedLoRA in red so it stands out).
-METHOD_COLORS = {
-    "pfedlora": "#d62728", "feddistill": "#1f77b4", "fml": "#ff7f0e", "fedkd": "#2ca02c", "lgfedavg": "#9467bd",
-    "fedgh": "#8c564b", "fedapen": "#e377c2", "standalone": "#7f7f7f", "fedavg": "#bcbd22",
-}
+# One colour per method, the same in every figure: the algorithm's own `colour` (pFedLoRA red); others get a
+# stable colour from their name.
 EXTRA_COLORS = ("#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173")
 LINESTYLES = ("-", "--", ":", "-.")
 DPI = 150
@@ -38,8 +36,9 @@ def method_color(method: str) -> str:
     """Fixed colour of a method (variants like 'pfedlora (rank=8)' share their algorithm's colour unless
     `variant_colors` is used); unknown methods get a stable colour from their name."""
     base = method.split(" ", 1)[0]
-    if base in METHOD_COLORS:
-        return METHOD_COLORS[base]
+    cls = find_algorithm(base)
+    if cls is not None and cls.colour:
+        return cls.colour
     return EXTRA_COLORS[zlib.crc32(base.encode()) % len(EXTRA_COLORS)]
 
 
@@ -319,6 +318,6 @@ def cost_per_round_lines(df: pd.DataFrame, x: str, xlabel: str, title: str, log2
     return fig
 
 
-__all__ = ["METHOD_COLORS", "METHOD_ORDER", "accuracy_vs_cost", "accuracy_vs_round", "client_difference_bars",
+__all__ = ["accuracy_vs_cost", "accuracy_vs_round", "client_difference_bars",
            "cost_bars", "cost_per_round_lines", "drawn_bars", "drawn_lines", "final_accuracy_bars",
            "method_color", "save_figure", "sweep_lines"]

@@ -16,18 +16,16 @@ from typing import Any, Iterable
 import pandas as pd
 
 import bench.callbacks.mlflow_client  # noqa: F401  (MLflow's environment, before mlflow loads: no telemetry)
+from bench.registry import find_algorithm
 from bench.store import ResultsStore, parse_run_key, run_key
 
-# Methods in display order: the paper's method, its six baselines, then the reference points.
-METHOD_ORDER = ("pfedlora", "feddistill", "fml", "fedkd", "lgfedavg", "fedgh", "fedapen", "standalone", "fedavg")
-DISPLAY_NAMES = {
-    "pfedlora": "pFedLoRA", "feddistill": "FedDistill", "fml": "FML", "fedkd": "FedKD", "lgfedavg": "LG-FedAvg",
-    "fedgh": "FedGH", "fedapen": "FedAPEN", "standalone": "Standalone", "fedavg": "FedAvg",
-}
-PROPOSED = "pfedlora"
-# SPEC section 2: Standalone and FedAvg are reference points; "the best baseline" is chosen among the others
-# (falling back to the reference points when no other baseline is present).
-REFERENCE_POINTS = ("standalone", "fedavg")
+# Display names, roles, table order and colours are the algorithms' own (class attributes, read through the
+# registry). SPEC section 2: reference points (Standalone, FedAvg) anchor the tables; "the best baseline" is
+# chosen among the baselines, falling back to the reference points when no baseline is present.
+def role_of(method: str) -> str:
+    """proposed | baseline | reference (an unregistered method counts as a baseline)."""
+    cls = find_algorithm(method.split(" ", 1)[0])
+    return cls.role if cls is not None else "baseline"
 
 
 @dataclass
@@ -60,12 +58,13 @@ class Run:
 # ---- labels -----------------------------------------------------------------------------------------------
 def display_name(method: str) -> str:
     base, sep, rest = method.partition(" ")
-    return DISPLAY_NAMES.get(base, base) + (sep + rest if sep else "")
+    cls = find_algorithm(base)
+    return ((cls.display_name if cls is not None and cls.display_name else base)) + (sep + rest if sep else "")
 
 
 def method_sort_key(method: str) -> tuple[int, str]:
-    base = method.split(" ", 1)[0]
-    return (METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER), method)
+    cls = find_algorithm(method.split(" ", 1)[0])
+    return (cls.table_order if cls is not None else 1000, method)
 
 
 def dataset_label(name: str) -> str:

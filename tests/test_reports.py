@@ -118,7 +118,11 @@ def test_one_colour_per_method_across_figures(synthetic):
             colours[patch.get_gid()].add(matplotlib_hex(patch.get_facecolor()))
     for method, seen in colours.items():
         assert {c.lower() for c in seen} == {plots.method_color(method)}, method
-    assert len({plots.method_color(m) for m in plots.METHOD_ORDER}) == len(plots.METHOD_ORDER)
+    from bench.registry import algorithms
+
+    builtins = list(algorithms())
+    assert len({plots.method_color(m) for m in builtins}) == len(builtins)
+    assert all(plots.method_color(m) == cls.colour for m, cls in algorithms().items())
 
 
 def matplotlib_hex(rgba) -> str:
@@ -319,3 +323,25 @@ def test_report_survives_failed_runs_and_sparse_evaluation(tmp_path, monkeypatch
     assert list(curves[curves["method"] == "fedgh"]["step"]) == [0, 2, 4]
     assert "could not be made" not in index
     assert {f.name for f in files} >= {"accuracy_vs_round.png", "cost_to_target.png", "client_difference.png"}
+
+
+def test_reports_read_display_name_order_role_and_colour_from_the_algorithm_class():
+    from algorithms.base import Algorithm
+    from bench.registry import _REGISTRY, algorithms, register
+    from reports.results import display_name, method_sort_key, role_of
+
+    class Plugin(Algorithm):
+        name = "metaplugin"
+        display_name, role, table_order, colour = "Meta Plugin", "reference", -5, "#123456"
+
+    algorithms()  # the installed ones first, then the test's own
+    register(Plugin)
+    try:
+        assert display_name("metaplugin") == "Meta Plugin"
+        assert display_name("metaplugin (rank=8)") == "Meta Plugin (rank=8)"
+        assert sorted(["fedkd", "metaplugin", "pfedlora"], key=method_sort_key) == ["metaplugin", "pfedlora", "fedkd"]
+        assert plots.method_color("metaplugin") == "#123456"
+        assert role_of("metaplugin") == "reference" and role_of("pfedlora") == "proposed"
+        assert role_of("fedkd") == "baseline" and role_of("unknown-method") == "baseline"
+    finally:
+        _REGISTRY.pop("metaplugin")

@@ -1,0 +1,45 @@
+"""Mutations of FML (algorithms/fml.py): each must be killed by tests/test_fml.py."""
+from benchmarks.mutation_check import Mutation
+
+FILE, TESTS = "algorithms/fml.py", ("tests/test_fml.py",)
+
+
+def m(name: str, old: str, new: str) -> Mutation:
+    return Mutation(name=f"fml: {name}", file=FILE, old=old, new=new, tests=TESTS)
+
+
+MUTATIONS = [
+    m("drop the KL term of L_P", "(1 - alpha) * kl_to(p, m, detach, reduction)",
+      "0.0 * kl_to(p, m, detach, reduction)"),
+    m("drop the KL term of L_M", "(1 - beta) * kl_to(m, p, detach, reduction)", "0.0 * kl_to(m, p, detach, reduction)"),
+    m("drop the CE weight alpha", "alpha * F.cross_entropy(p, y)", "F.cross_entropy(p, y)"),
+    m("swap alpha and beta", "y, hp.alpha, hp.beta, hp.detach_teacher", "y, hp.beta, hp.alpha, hp.detach_teacher"),
+    m("L_P distils from itself instead of M", "kl_to(p, m, detach, reduction)", "kl_to(p, p, detach, reduction)"),
+    m("KL in the reverse direction (KL(student || teacher))",
+      "kl = F.kl_div(F.log_softmax(student_logits, dim=1), teacher.detach() if detach else teacher,",
+      "kl = F.kl_div(F.log_softmax(teacher_logits.detach() if detach else teacher_logits, dim=1), "
+      "F.softmax(student_logits, dim=1),"),
+    m("KL reduction sum instead of batchmean", 'reduction="batchmean")\n', 'reduction="sum")\n'),
+    m("KL reduction mean (batch x classes) by default", 'if reduction == "mean" else kl', "if True else kl"),
+    m("teacher not detached", "teacher.detach() if detach else teacher", "teacher"),
+    m("teacher always detached (option ignored)", "teacher.detach() if detach else teacher", "teacher.detach()"),
+    m("subtract L_M from L_P", "return loss_p + loss_m", "return loss_p - loss_m"),
+    m("skip loading the downloaded meme", "        load_payload(meme, payload)\n", ""),
+    m("upload the downloaded meme, not the trained one", "        return state_payload(meme)\n",
+      "        return dict(payload)\n"),
+    m("train the private model only", "[private, meme], loss_fn", "[private], loss_fn"),
+    m("one optimizer and one clipping for both models", "[private, meme], loss_fn", "[[private, meme]], loss_fn"),
+    m("server sends the working meme", "return state_payload(self.global_meme)",
+      "return state_payload(self.work_meme)"),
+    m("uniform average whatever the option", "aggregation_weights(self.ctx, self.hp.aggregation)",
+      'aggregation_weights(self.ctx, "uniform")'),
+    m("n_k-weighted average whatever the option", "aggregation_weights(self.ctx, self.hp.aggregation)",
+      "self.ctx.client_weights"),
+    m("aggregate into the working meme", "load_payload(self.global_meme, weighted_average",
+      "load_payload(self.work_meme, weighted_average"),
+    m("predict with the meme", "        return client.state[\"model\"](x)\n", "        return self.work_meme(x)\n"),
+    m("predict with the sum of private model and meme", "        return client.state[\"model\"](x)\n",
+      "        return client.state[\"model\"](x) + self.global_meme(x)\n"),
+    m("htfllib profile keeps the teachers detached", '"detach_teacher": False, ', ""),
+    m("official profile averages by n_k", '"official": {"aggregation": "uniform"}', '"official": {}'),
+]
