@@ -88,7 +88,7 @@ def write_report(results: list[dict], out: Path) -> str:
     survived = [r for r in results if r["outcome"] == "survived"]
     errors = [r for r in results if r["outcome"] == "error"]
     lines = ["# Mutation check", "",
-             f"{len(results)} mutations of algorithms/ and models/, each applied alone to a copy of the repository "
+             f"{len(results)} mutations of algorithms/, models/ and the evaluation in bench/simulator.py, each applied alone to a copy of the repository "
              f"and tested with its algorithm's tests (`python -m benchmarks.mutation_check`).", "",
              f"Killed: {killed}/{len(results)}; survived: {len(survived)} "
              f"(survival rate {len(survived) / max(len(results), 1):.1%}); errors: {len(errors)}.", "",
