@@ -384,10 +384,20 @@ def test_broken_plugin_warns_and_the_rest_work(monkeypatch, capsys):
     from importlib.metadata import EntryPoint
 
     broken = EntryPoint(name="broken", value="no_such_plugin_module:Algo", group=registry.ENTRY_POINT_GROUP)
-    monkeypatch.setattr(registry, "entry_points", lambda group: [broken])
+    installed = list(registry.entry_points(group=registry.ENTRY_POINT_GROUP))  # the built-ins' own
+    monkeypatch.setattr(registry, "entry_points", lambda group: [*installed, broken])
     monkeypatch.setattr(registry, "_loaded", False)
     code, _, err = bench_main(monkeypatch, capsys, "list")
     assert code == 0
     (line,) = err.strip().splitlines()
     assert line.startswith("warning: algorithm plugin 'broken' (no_such_plugin_module:Algo) failed to import")
     assert {"pfedlora", "standalone", "fedavg"} <= set(registry.algorithms())
+
+
+def test_without_the_builtin_entry_points_the_error_says_to_install(monkeypatch, capsys):
+    monkeypatch.setattr(registry, "entry_points", lambda group: [])
+    monkeypatch.setattr(registry, "_loaded", False)
+    code, _, err = bench_main(monkeypatch, capsys, "list")
+    assert code == 2
+    assert err.strip().splitlines() == ["error: the built-in algorithms are not registered: install the package "
+                                        "(pip install -e .) so that its 'bench.algorithms' entry points exist"]
