@@ -98,7 +98,7 @@ def execute_run(spec: RunSpec, env: RunEnv, callbacks: Callback) -> tuple[dict[s
         if unrestorable is not None:
             raise unrestorable
         run.sim = sim = Simulation(cfg, spec.algorithm, spec.seed, env.inputs.data, env.inputs.splits[spec.seed],
-                                   env.device)
+                                   env.device, hparams=spec.hparams)
         if saved is not None:
             saved.restore(sim)
         else:

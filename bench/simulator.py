@@ -265,7 +265,9 @@ class Simulation:
     """One (algorithm, seed) run. `on_round(step, metrics)` is called after every evaluated round."""
 
     def __init__(self, cfg: RunConfig, algo_cls: type[Algorithm], seed: int, data: DeviceData,
-                 splits: list[ClientSplit], device: torch.device):
+                 splits: list[ClientSplit], device: torch.device, hparams: Any = None):
+        """`hparams`: the algorithm's typed hyper-parameters as the run plan built them (None: built here
+        from cfg, for direct use in tests and benchmarks)."""
         self.cfg = cfg
         self.seed = seed
         self.device = device
@@ -275,7 +277,7 @@ class Simulation:
                             f"valid: {', '.join(g for g in MODEL_GROUPS if is_homogeneous(g))}")
         torch.manual_seed(seed)  # model initialisation
         self.ctx = RunContext(cfg, data, device, seed, algo_cls.name, self.accountant, splits)
-        self.algo = algo_cls(self.ctx, algo_cls.hparams_for(cfg))
+        self.algo = algo_cls(self.ctx, algo_cls.hparams_for(cfg) if hparams is None else hparams)
         self.ctx.prediction_modules = lambda client: modules_in(client.state, self.algo)
         self.store = ClientStore(device, offload=cfg.offload_state)
         self.clients = [Client(i, self.ctx.client_archs[i], split) for i, split in enumerate(splits)]
