@@ -17,6 +17,7 @@ from bench.runner import client_splits
 from bench.simulator import Simulation
 from data import DeviceData, synthetic_dataset
 from tests.conftest import make_hand_simulation, make_simulation
+from tests.handcalc import clipped
 
 CPU = torch.device("cpu")
 CNN5_PARAMS = {10: 670_058, 100: 715_148}
@@ -116,14 +117,6 @@ def test_losses_and_gradients_equal_the_hand_loss_with_the_learned_lambda(mix):
         kw = {"lam": 0.3, "mix": mix, **alt}
         alt_value, alt_grads = hand_grads(private, shared, x, y, kw.pop("lam"), **kw)
         assert not (alt_value == pytest.approx(value, rel=1e-5) and close(alt_grads, want)), alt
-
-
-def clipped(grads, max_norm):
-    """Gradient-norm clipping of one group, as torch's clip_grad_norm_ does it."""
-    if max_norm <= 0:
-        return list(grads)
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-    return [g * torch.clamp(max_norm / (norm + 1e-6), max=1.0) for g in grads]
 
 
 @pytest.mark.parametrize("clip", [0.0, 0.05])

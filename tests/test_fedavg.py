@@ -10,7 +10,7 @@ from algorithms.fedavg import FedAvg
 from bench.accounting import transmit
 from bench.errors import UserError
 from tests.conftest import make_hand_simulation, make_simulation
-from tests.test_fedgh import (client_step, cross_entropy, evaluation_by_hand, record_train_batches, snapshot,
+from tests.handcalc import (client_step, cross_entropy, evaluation_by_hand, record_train_batches, snapshot,
                               use_tiny)
 
 CPU = torch.device("cpu")

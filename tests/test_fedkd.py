@@ -19,6 +19,7 @@ from bench.runner import client_splits
 from bench.simulator import Simulation
 from data import DeviceData, synthetic_dataset
 from tests.conftest import make_hand_simulation, make_simulation
+from tests.handcalc import clipped
 
 CPU = torch.device("cpu")
 CNN5_PARAMS = {10: 670_058, 100: 715_148}
@@ -142,14 +143,6 @@ def test_loss_value_and_gradients_equal_the_hand_loss(config):
                                {"detach_targets": not hand_kw.get("detach_targets", True)}]:
         alt_value, alt_grads = hand_grads(client, x, y, **{**hand_kw, **alt})
         assert not (alt_value == pytest.approx(want_value, rel=1e-5) and close(alt_grads, want)), alt
-
-
-def clipped(grads, max_norm):
-    """Gradient-norm clipping of one group, as torch's clip_grad_norm_ does it."""
-    if max_norm <= 0:
-        return list(grads)
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-    return [g * torch.clamp(max_norm / (norm + 1e-6), max=1.0) for g in grads]
 
 
 @pytest.mark.parametrize("clip", [0.0, 0.05])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.conftest import make_hand_simulation, make_simulation
-from tests.test_fedgh import client_step, evaluation_by_hand, record_train_batches, snapshot, use_tiny
+from tests.handcalc import client_step, evaluation_by_hand, record_train_batches, snapshot, use_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
