@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import warnings
+from functools import partial
 from pathlib import Path
 
 import click
@@ -19,6 +20,7 @@ from bench.errors import UserError
 from bench.executors import executor_from_cli
 
 DEBUG = False
+_default_showwarning = warnings.showwarning
 
 
 class Seeds(click.ParamType):
@@ -52,10 +54,7 @@ THREADS = click.option("--threads", type=int,
                        help="torch CPU threads per run [default: torch's; on Ray: --cpus-per-run]; 1 is much "
                             "faster on a busy machine.")
 QUIET = click.option("--quiet", is_flag=True, help="No progress lines.")
-
-
-def tracking_uri_option(help: str):
-    return click.option("--tracking-uri", help=help)
+TRACKING_URI = partial(click.option, "--tracking-uri")  # its help differs per command: TRACKING_URI(help=...)
 
 
 def output_dir_option(help: str, legacy_out: bool = False, **kwargs):
@@ -126,7 +125,7 @@ def cli(debug: bool) -> None:
 @DATA_DIR
 @output_dir_option("Results root (also holds the default MLflow store) [default: results].")
 @click.option("--run-name", help="Results subfolder and MLflow parent run name.")
-@tracking_uri_option("MLflow tracking URI (default: sqlite store in the output dir).")
+@TRACKING_URI(help="MLflow tracking URI (default: sqlite store in the output dir).")
 @click.option("--checkpoint-every", type=int, help="Checkpoint each run every k rounds (0: never) [default: 1].")
 @click.option("--resume", is_flag=True, help=RESUME_HELP)
 @QUIET
@@ -156,7 +155,7 @@ def finish(outcome) -> None:
 
 @cli.command()
 @click.argument("results_dir", type=click.Path(file_okay=False))
-@tracking_uri_option("MLflow tracking URI (default: the one the run used).")
+@TRACKING_URI(help="MLflow tracking URI (default: the one the run used).")
 @QUIET
 @executor_options
 def resume(results_dir: str, tracking_uri: str | None, quiet: bool, **executor) -> None:
@@ -175,7 +174,7 @@ def resume(results_dir: str, tracking_uri: str | None, quiet: bool, **executor) 
 
 @cli.command()
 @click.argument("results_dir", type=click.Path(file_okay=False))
-@tracking_uri_option("Store to upload to (default: the one the run used).")
+@TRACKING_URI(help="Store to upload to (default: the one the run used).")
 def sync(results_dir: str, tracking_uri: str | None) -> None:
     """Upload to MLflow what a results folder holds and MLflow misses (after the store was unavailable)."""
     from bench.callbacks.mlflow import sync_results
@@ -189,7 +188,7 @@ def sync(results_dir: str, tracking_uri: str | None) -> None:
 @click.argument("results_dirs", nargs=-1, type=click.Path(file_okay=False, path_type=Path))
 @output_dir_option("Output folder (default: <dir>/plots for one results folder, else results/report-<time>).",
                    legacy_out=True)
-@tracking_uri_option("Read the runs from this MLflow store instead of results folders.")
+@TRACKING_URI(help="Read the runs from this MLflow store instead of results folders.")
 @click.option("--experiment", help="MLflow experiment to read (with --tracking-uri; default: all).")
 @click.option("--run", "parents", multiple=True, help="MLflow parent run (invocation) name or id; repeatable.")
 @click.option("--title", default="", help="Title of the report's Markdown index.")
@@ -307,7 +306,7 @@ def list_components() -> None:
 
 @cli.command()
 @output_dir_option("Results root holding mlflow.db.", default=Path("results"), show_default=True)
-@tracking_uri_option("Store to show (default: the sqlite store in the output dir).")
+@TRACKING_URI(help="Store to show (default: the sqlite store in the output dir).")
 @click.option("--port", default=5000, show_default=True, type=int)
 def ui(output_dir: Path, tracking_uri: str | None, port: int) -> None:
     """Start the MLflow UI on 127.0.0.1 for the results store."""
@@ -327,9 +326,6 @@ def show_warning(message, category, filename, lineno, file=None, line=None) -> N
         click.echo(f"warning: {message}", err=True)
     else:
         _default_showwarning(message, category, filename, lineno, file, line)
-
-
-_default_showwarning = warnings.showwarning
 
 
 def main() -> None:

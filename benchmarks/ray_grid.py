@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from bench.config import RunConfig  # noqa: E402
 from bench.executors import ExecutorOptions  # noqa: E402
 from bench.runner import run_invocations  # noqa: E402
-from bench.tracking import read_csv  # noqa: E402
+from bench.store import read_csv  # noqa: E402
 from benchmarks.speed import stamp  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

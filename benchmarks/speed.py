@@ -162,39 +162,45 @@ class TrackingProbe:
     """Times what the runner does with every round's metrics: the results folder and MLflow."""
 
     def __init__(self, use_mlflow: bool):
-        from bench.tracking import ResultsFolder, default_tracking_uri, make_mlflow_tracker
+        from bench.callbacks import InvocationInfo, ordered
+        from bench.callbacks.mlflow import make_mlflow_callback
+        from bench.callbacks.results import ResultsFolderCallback
+        from bench.store import ResultsStore, default_tracking_uri
 
         self.dir = Path(tempfile.mkdtemp(prefix="speed-tracking-"))
-        self.results = ResultsFolder(self.dir / "run")
+        store = ResultsStore(self.dir / "run")
+        self.results = ResultsFolderCallback(store)
         self.mlflow = None
         if use_mlflow:
-            self.mlflow = make_mlflow_tracker(default_tracking_uri(self.dir), "speed-benchmark", self.dir,
-                                              self.results)
-        for t in self.trackers():
-            t.start_invocation("speed", {"benchmark": "speed"})
-
-    def trackers(self):
-        return [t for t in (self.results, self.mlflow) if t is not None]
+            self.mlflow = make_mlflow_callback(default_tracking_uri(self.dir), "speed-benchmark", self.dir, store)
+        self.callbacks = ordered(record=self.results, mirror=self.mlflow)
+        self.callbacks.on_invocation_start(InvocationInfo("speed", {"benchmark": "speed"}), False)
 
     def measure(self, key: str, metrics: dict[str, float], rounds: int = 3) -> dict[str, float | None]:
-        for t in self.trackers():
-            t.start_run(key, {"algorithm": key}, {"benchmark": "speed"})
+        from bench.callbacks import RunInfo
+
+        # Each callback is timed on its own, so each gets its own RunInfo (holding the rounds it was given).
+        runs = {callback: RunInfo(key, {"algorithm": key}, {"benchmark": "speed"})
+                for callback in self.callbacks.callbacks}
+        for callback, run in runs.items():
+            callback.on_run_start(run, None)
         out: dict[str, float | None] = {"results_folder": None, "mlflow": None, "mlflow_sync": None}
-        for name, tracker in (("results_folder", self.results), ("mlflow", self.mlflow)):
-            if tracker is None:
+        for name, callback in (("results_folder", self.results), ("mlflow", self.mlflow)):
+            if callback is None:
                 continue
-            times = []
+            run, times = runs[callback], []
             for step in range(1, rounds + 1):
                 start = time.perf_counter()
-                tracker.log_round(key, step, metrics)  # MLflow: queued on its logging thread (async)
+                run.history.append({"step": step, **metrics})
+                callback.on_round_end(run, step, metrics)  # MLflow: queued on its logging thread (async)
                 times.append(time.perf_counter() - start)
             out[name] = median(times)
         if self.mlflow is not None:
             from mlflow.entities import Metric
 
             run_id = self.mlflow.run_ids[key]
-            self.mlflow._flush(run_id)  # the queued rounds are written (outside the timing; errors raise)
-            times = []  # for comparison: the same batch written synchronously (what log_round did before)
+            self.mlflow.conn.flush(run_id)  # the queued rounds are written (outside the timing; errors raise)
+            times = []  # for comparison: the same batch written synchronously (what on_round_end did before)
             for step in range(rounds + 1, 2 * rounds + 1):
                 start = time.perf_counter()
                 now = int(time.time() * 1000)

@@ -1,5 +1,6 @@
-"""Synthetic results folders (and MLflow stores) with known numbers, written through the real trackers of
-bench/tracking.py, so the report can be tested, and demonstrated, without training anything."""
+"""Synthetic results folders (and MLflow stores) with known numbers, written through the real callbacks of
+bench/callbacks (results folder, MLflow), so the report can be tested, and demonstrated, without training
+anything."""
 from __future__ import annotations
 
 import math
@@ -8,8 +9,11 @@ from typing import Any
 
 import numpy as np
 
+from bench.callbacks import InvocationInfo, RunInfo, ordered
+from bench.callbacks.mlflow import make_mlflow_callback
+from bench.callbacks.results import ResultsFolderCallback
+from bench.store import ResultsStore, run_key
 from bench.summary import run_summary
-from bench.tracking import ResultsFolder, Tracker, make_mlflow_tracker
 
 # method -> (final accuracy, client training FLOPs per round, bytes per client per direction per round)
 PROFILES = {
@@ -58,35 +62,33 @@ def write_synthetic_results(output_dir: Path, name: str, methods=("pfedlora", "f
                             hparams: dict[str, Any] | None = None) -> Path:
     """A results folder <output_dir>/<name> (and, with mlflow=True, the same runs in <output_dir>/mlflow.db)."""
     root = Path(output_dir) / name
-    results = ResultsFolder(root)
-    trackers: list[Tracker] = [results]
+    store = ResultsStore(root)
+    mirror = None
     if mlflow:
         db = Path(output_dir) / "mlflow.db"
         uri = f"sqlite:///{db.resolve()}" if db.exists() else fresh_mlflow_store(db)
-        tracker = make_mlflow_tracker(uri, experiment, Path(output_dir), results)
-        assert tracker is not None
-        trackers.append(tracker)
+        mirror = make_mlflow_callback(uri, experiment, Path(output_dir), store)
+        assert mirror is not None
+    callbacks = ordered(record=ResultsFolderCallback(store), mirror=mirror)
     config = {"algorithms": list(methods), "dataset": dataset, "num_clients": clients,
               "participation": participation, "rounds": rounds, "partition": "label-skew",
               "classes_per_client": 2, "model_group": "cnn-hetero", "seeds": list(seeds), "target_acc": target,
               "run_name": name, **(params or {})}
-    for t in trackers:
-        t.start_invocation(name, config)
+    callbacks.on_invocation_start(InvocationInfo(name, config), False)
     for seed in seeds:
         for method in methods:
-            key = f"{method}-seed{seed}"
             tags = {"algorithm": method, "dataset": dataset, "seed": str(seed),
                     "setting": f"N={clients},C={participation}", "model_group": "cnn-hetero"}
-            for t in trackers:
-                t.start_run(key, {**config, "algorithm": method, "seed": seed, "hparams": hparams or {}}, tags)
+            run = RunInfo(run_key(method, seed), {**config, "algorithm": method, "seed": seed,
+                                                  "hparams": hparams or {}}, tags, rounds)
+            callbacks.on_run_start(run, None)
             history = synthetic_history(method, seed, rounds, clients)
             for row in history:
-                for t in trackers:
-                    t.log_round(key, row["step"], {k: v for k, v in row.items() if k != "step"})
-            for t in trackers:
-                t.end_run(key, run_summary(history, target), synthetic_clients(method, seed, clients), "FINISHED")
-    for t in trackers:
-        t.end_invocation([root / "summary.csv"], "FINISHED")
+                run.history.append(row)
+                callbacks.on_round_end(run, row["step"], {k: v for k, v in row.items() if k != "step"})
+            callbacks.on_run_end(run, run_summary(history, target), synthetic_clients(method, seed, clients),
+                                 "FINISHED")
+    callbacks.on_invocation_end([store.summary_table_path], "FINISHED")
     return root
 
 
