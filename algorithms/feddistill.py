@@ -97,7 +97,10 @@ class FedDistill(Algorithm):
         # No released code; Algorithm 1 of the paper: targets without the device's own logits, a cross-entropy
         # regularizer on softmax outputs (kl has its gradient).
         "official": {"exclude_own": True, "distance": "kl"},
-        "htfllib": {"distance": "ce", "aggregation": "fresh"},
+        # HtFLlib HEAD's loss is CE on raw global logits (distance="ce"), unbounded below: learning collapses
+        # (a bug since its commit ca3e29a, not reproduced, as FedGH's untrained header is not); "kl" is the
+        # softmax-target CE it used before, same gradient.
+        "htfllib": {"distance": "kl", "aggregation": "fresh"},
     }
 
     @classmethod

@@ -287,7 +287,7 @@ def test_profiles_select_the_reference_options():
     assert (official.exclude_own, official.distance, official.aggregation) == (True, "kl", "round")
     htfllib = make_simulation("feddistill", profile="htfllib").algo.hp
     assert (htfllib.exclude_own, htfllib.distance, htfllib.aggregation, htfllib.lam, htfllib.normalise,
-            htfllib.record) == (False, "ce", "fresh", 1.0, "batch", "all")
+            htfllib.record) == (False, "kl", "fresh", 1.0, "batch", "all")
 
 
 @pytest.mark.parametrize("overrides", [{"distance": "l1"}, {"lam": -1.0}, {"aggregation": "x"},

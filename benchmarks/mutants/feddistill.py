@@ -54,6 +54,8 @@ MUTATIONS = [
     # profiles
     m("official profile keeps the own logit", '"official": {"exclude_own": True, "distance": "kl"}',
       '"official": {"distance": "kl"}'),
-    m("htfllib profile keeps old classes", '"htfllib": {"distance": "ce", "aggregation": "fresh"}',
-      '"htfllib": {"distance": "ce"}'),
+    m("htfllib profile keeps old classes", '"htfllib": {"distance": "kl", "aggregation": "fresh"}',
+      '"htfllib": {"distance": "kl"}'),
+    m("htfllib profile takes HtFLlib HEAD's unbounded CE", '"htfllib": {"distance": "kl", "aggregation": "fresh"}',
+      '"htfllib": {"distance": "ce", "aggregation": "fresh"}'),
 ]
