@@ -88,8 +88,7 @@ class Algorithm:
     @classmethod
     def hparams_for(cls, cfg: Any) -> Any:
         """The run's typed hyper-parameters: the profile's values, then the config's own overrides on top."""
-        profile = getattr(cfg, "profile", "spec")
-        return cls.make_hparams({**cls.profiles.get(profile, {}), **(cfg.algo.get(cls.name) or {})})
+        return cls.make_hparams({**cls.profiles.get(cfg.profile, {}), **(cfg.algo.get(cls.name) or {})})
 
     @classmethod
     def estimated_cost(cls, hp: Any, cfg: Any) -> float:
