@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Generator, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from bench.errors import UserError
 
@@ -14,6 +16,45 @@ if TYPE_CHECKING:
     from bench.simulator import Client, RunContext
 
 Payload = dict[str, torch.Tensor]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Phase:
+    """One stretch of a client's local training, described for the simulator to run: `epochs` epochs of SGD
+    (the run's settings, new optimizers) over the client's training batches, one optimizer and one gradient
+    clipping per entry of `trainable` (a module, or a list of modules sharing them); only parameters with
+    requires_grad train. The simulator counts its FLOPs, reports its mean loss and, with
+    cfg.batched_training, trains same-architecture clients' plain phases together (bench/batched.py)."""
+    name: str                  # names the computation (FLOP cache, loss report): include what changes it
+    trainable: Sequence[nn.Module | Sequence[nn.Module]]
+    epochs: int
+    loss: LossFn | None = None  # None: the plain phase, CE(trainable[0](x) + partner(x), y)
+    partner: nn.Module | None = None  # a frozen module whose logits the plain loss adds (pFedLoRA)
+    indices: torch.Tensor | None = None  # train on these training indices instead of the client's split
+    optimizers: tuple[list[list[nn.Parameter]], list[torch.optim.Optimizer]] | None = None
+    # ^ the algorithm's own ctx.optimizers_for(trainable), e.g. with momentum carried across rounds
+
+    @property
+    def plain(self) -> bool:
+        """True when the simulator may train this phase batched with other clients' plain phases."""
+        return (self.loss is None and self.indices is None and self.optimizers is None
+                and len(self.trainable) == 1 and isinstance(self.trainable[0], nn.Module))
+
+    def loss_fn(self) -> LossFn:
+        if self.loss is not None:
+            return self.loss
+        model, partner = self.trainable[0], self.partner
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"phase {self.name!r}: the plain loss needs one module first in `trainable`")
+        if partner is None:
+            return lambda x, y: F.cross_entropy(model(x), y)
+        return lambda x, y: F.cross_entropy(model(x) + partner(x), y)
+
+
+# client_update's form: a generator that yields the Phases to run (receiving each one's mean loss) and returns
+# the upload; a client_update without training may be a plain function returning the upload.
+ClientUpdate = Generator[Phase, torch.Tensor, Payload]
 
 # Reference profiles (config key `profile`): "spec" = SPEC.md's defaults, "official" = each method's own
 # released code, "htfllib" = HtFLlib's HEAD. An algorithm lists, per profile, the hyper-parameters that differ
@@ -46,6 +87,10 @@ class Algorithm:
     # True when predictions depend on server state (FedAvg's global model): then every client is
     # re-evaluated each round; otherwise only the clients whose state changed (the sampled ones).
     prediction_uses_server_state: ClassVar[bool] = False
+    # False when the clients' local updates share mutable algorithm state (FML's working meme, a momentum
+    # carried from client to client): the simulator then runs them one after the other, even under
+    # cfg.batched_training (which otherwise interleaves them to train their plain phases together).
+    batchable_clients: ClassVar[bool] = True
     # True when after_aggregation_payload goes to every client, not only the round's sampled ones.
     broadcast_after_aggregation: ClassVar[bool] = False
     # True when aggregate()'s FLOPs are determined by the names, shapes and dtypes of the uploads (averaging,
@@ -90,13 +135,6 @@ class Algorithm:
         """The run's typed hyper-parameters: the profile's values, then the config's own overrides on top."""
         return cls.make_hparams({**cls.profiles.get(cfg.profile, {}), **(cfg.algo.get(cls.name) or {})})
 
-    @classmethod
-    def estimated_cost(cls, hp: Any, cfg: Any) -> float:
-        """Rough cost of a round (training and evaluation) relative to Standalone's; used only for the up-front
-        time estimate. The values are round-time ratios measured on the quick preset (CIFAR-10, N=10, cnn-hetero,
-        E=1, 2-core CPU); `bench run` prints the real time per round from round 1 on."""
-        return 1.0
-
     # ---- checkpointing -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The server state to checkpoint, as live objects (bench/checkpoint.py saves them). The default
@@ -126,22 +164,11 @@ class Algorithm:
         """What the server sends to a sampled client at the start of a round (0-based round_index)."""
         return {}
 
-    def client_update(self, client: "Client", payload: Payload, round_index: int) -> Payload:
-        """Local training; keeps personal state in client.state and returns the upload."""
+    def client_update(self, client: "Client", payload: Payload, round_index: int) -> ClientUpdate | Payload:
+        """Local training, as a generator: prepare, `loss = yield Phase(...)` for each stretch of training
+        (the simulator runs it), and `return` the upload. Personal state stays in client.state. Code between
+        phases runs between them (freezing a module, ctx.evaluate, ctx.record)."""
         raise NotImplementedError
-
-    def client_update_many(self, clients: list["Client"], payloads: dict[int, Payload],
-                           round_index: int) -> dict[int, Payload]:
-        """Local updates of all of this round's clients (called instead of client_update when
-        cfg.batched_training). The default runs client_update one client after the other; an algorithm whose
-        local training is plain cross-entropy overrides it and trains through ctx.train_many (which records
-        each client's loss in ctx.client_losses, as this default does with the loss of its final ctx.train)."""
-        updates = {}
-        for c in clients:
-            self.ctx.last_train_loss = torch.full((), float("nan"), device=self.ctx.device)
-            updates[c.id] = self.client_update(c, payloads[c.id], round_index)
-            self.ctx.client_losses[c.id] = self.ctx.last_train_loss.detach()
-        return updates
 
     def aggregate(self, uploads: dict[int, Payload], round_index: int) -> None:
         """Server update from the uploads of the sampled clients (keyed by client id)."""

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from algorithms.base import (Algorithm, Payload, aggregation_weights, check_aggregation, load_payload, state_payload,
+from algorithms.base import (Algorithm, Payload, Phase, aggregation_weights, check_aggregation, load_payload, state_payload,
                              weighted_average)
 from bench.errors import UserError
 from models.groups import ARCHITECTURES
@@ -85,10 +85,6 @@ class FedAPEN(Algorithm):
     # zhenqincn/FedAPEN node.py ServerNode.aggregate; HtFLlib has no FedAPEN (/tmp/fidelity/fedapen.md).
     profiles = {"official": {"aggregation": "uniform"}}
 
-    @classmethod
-    def estimated_cost(cls, hp, cfg) -> float:
-        return 1.7  # private and shared model per step, plus the lambda-learning forward passes
-
     def __init__(self, ctx, hp):
         super().__init__(ctx, hp)
         self.version = 0
@@ -127,15 +123,15 @@ class FedAPEN(Algorithm):
 
         return loss
 
-    def client_update(self, client, payload: Payload, round_index: int) -> Payload:
+    def client_update(self, client, payload: Payload, round_index: int):
         private, shared = client.state["model"], client.state["shared"]
         if payload:
             load_payload(shared, payload)
         private.train()
         shared.train()
         train_part = self.splits[client.id][0].to(self.ctx.device)
-        self.ctx.train(client, [private, shared], self.loss_fn(client), self.ctx.cfg.local_epochs,
-                       phase=f"mutual-{self.hp.shared_arch}", indices=train_part)
+        yield Phase(f"mutual-{self.hp.shared_arch}", [private, shared], self.ctx.cfg.local_epochs,
+                    loss=self.loss_fn(client), indices=train_part)
         return state_payload(shared)
 
     def aggregate(self, uploads: dict[int, Payload], round_index: int) -> None:

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.nn.functional as F
-
-from algorithms.base import (Algorithm, Payload, aggregation_weights, check_aggregation, load_payload,
+from algorithms.base import (Algorithm, Payload, Phase, aggregation_weights, check_aggregation, load_payload,
                              state_payload, weighted_average)
 from bench.errors import UserError
 
@@ -54,22 +52,11 @@ class FedAvg(Algorithm):
     def server_payload(self, client, round_index: int) -> Payload:
         return state_payload(self.global_model)
 
-    def download(self, client, payload: Payload):
-        """The client's model with the global model loaded, ready to train."""
-        model = client.state["model"]
-        load_payload(model, payload)
-        return model.train()
-
-    def client_update(self, client, payload: Payload, round_index: int) -> Payload:
-        model = self.download(client, payload)
-        self.ctx.train(client, [model], lambda x, y: F.cross_entropy(model(x), y), self.ctx.cfg.local_epochs,
-                       phase="local")
+    def client_update(self, client, payload: Payload, round_index: int):
+        model = client.state["model"].train()
+        load_payload(model, payload)  # the global model
+        yield Phase("local", [model], self.ctx.cfg.local_epochs)  # CE(model(x), y)
         return state_payload(model)
-
-    def client_update_many(self, clients, payloads, round_index: int) -> dict[int, Payload]:
-        models = [self.download(c, payloads[c.id]) for c in clients]
-        self.ctx.train_many(clients, models, self.ctx.cfg.local_epochs, phase="local")
-        return {c.id: state_payload(model) for c, model in zip(clients, models)}
 
     def aggregate(self, uploads: dict[int, Payload], round_index: int) -> None:
         load_payload(self.global_model, weighted_average(uploads, aggregation_weights(self.ctx, self.hp.aggregation)))

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from algorithms.base import Algorithm, Payload
+from algorithms.base import Algorithm, Payload, Phase
 from bench.errors import UserError
 
 KEY_PREFIX = "logit."
@@ -103,10 +103,6 @@ class FedDistill(Algorithm):
         "htfllib": {"distance": "kl", "aggregation": "fresh"},
     }
 
-    @classmethod
-    def estimated_cost(cls, hp, cfg) -> float:
-        return 1.05  # the private model's training plus a cheap per-sample distance
-
     def init_server(self) -> None:
         self.contributions: dict[int, dict[int, torch.Tensor]] = {}  # class -> client id -> its uploaded logits
 
@@ -127,7 +123,7 @@ class FedDistill(Algorithm):
                 payload[f"{KEY_PREFIX}{cls}"] = logit
         return payload
 
-    def client_update(self, client, payload: Payload, round_index: int) -> Payload:
+    def client_update(self, client, payload: Payload, round_index: int):
         ctx, hp = self.ctx, self.hp
         c = ctx.num_classes
         model = client.state["model"].train()
@@ -164,8 +160,7 @@ class FedDistill(Algorithm):
                 loss = loss + hp.lam * distillation_term(logits, y, targets, valid, hp.distance, hp.normalise)
             return loss
 
-        phase = f"distill-{hp.distance}" if distil else "ce-only"
-        ctx.train(client, [model], loss_fn, epochs, phase=phase)
+        yield Phase(f"distill-{hp.distance}" if distil else "ce-only", [model], epochs, loss=loss_fn)
         means = sums / counts.clamp(min=1.0).unsqueeze(1)
         return {f"{KEY_PREFIX}{cls}": means[cls] for cls in counts.nonzero().flatten().tolist()}
 

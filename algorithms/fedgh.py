@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from algorithms.base import Algorithm, Payload, load_payload, state_payload
+from algorithms.base import Algorithm, Payload, Phase, load_payload, state_payload
 from bench.errors import UserError
 
 SERVER_STREAM = 3  # seed offset of the server's shuffling generator
@@ -100,10 +100,6 @@ class FedGH(Algorithm):
                     "keep_server_optimizer": False, "server_grad_clip": False, "eval_header": "global"},
     }
 
-    @classmethod
-    def estimated_cost(cls, hp, cfg) -> float:
-        return 1.0 + 0.22 / cfg.local_epochs  # local training plus one forward pass over the train data
-
     def __init__(self, ctx, hp):
         super().__init__(ctx, hp)
         dims = {ctx.representation_dim(arch) for arch in set(ctx.client_archs)}
@@ -145,16 +141,10 @@ class FedGH(Algorithm):
         classes, reps = self.representations(client)
         return {"reps": reps, "classes": classes.to(class_id_dtype(self.ctx.num_classes))}
 
-    def client_update(self, client, payload: Payload, round_index: int) -> Payload:
+    def client_update(self, client, payload: Payload, round_index: int):
         model = self.download(client, payload)
-        self.ctx.train(client, [model], lambda x, y: F.cross_entropy(model(x), y), self.ctx.cfg.local_epochs,
-                       phase="local")
+        yield Phase("local", [model], self.ctx.cfg.local_epochs)  # CE(model(x), y)
         return self.upload(client)
-
-    def client_update_many(self, clients, payloads, round_index: int) -> dict[int, Payload]:
-        models = [self.download(c, payloads[c.id]) for c in clients]
-        self.ctx.train_many(clients, models, self.ctx.cfg.local_epochs, phase="local")
-        return {c.id: self.upload(c) for c in clients}
 
     @torch.no_grad()
     def representations(self, client) -> tuple[torch.Tensor, torch.Tensor]:

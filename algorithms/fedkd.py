@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from algorithms.base import Algorithm, Payload, aggregation_weights, check_aggregation, weighted_average
+from algorithms.base import Algorithm, Payload, Phase, aggregation_weights, check_aggregation, weighted_average
 from bench.accounting import EXTRA_FLOP_FORMULAS, payload_bytes
 from bench.errors import UserError
 from models.groups import ARCHITECTURES
@@ -210,10 +210,6 @@ class FedKD(Algorithm):
                     "dense_fallback": False},
     }
 
-    @classmethod
-    def estimated_cost(cls, hp, cfg) -> float:
-        return 1.65  # mentor + small mentee + W per step, plus the SVDs
-
     def __init__(self, ctx, hp):
         super().__init__(ctx, hp)
         self.version = 0                 # global mentee version: number of aggregates applied
@@ -304,19 +300,19 @@ class FedKD(Algorithm):
 
         return loss
 
-    def local_train(self, client) -> None:
+    def local_phase(self, client) -> Phase:
         trainable = [client.state[key] for key in ("model", "mentee", "W") if key in client.state]
         for module in trainable:
             module.train()
-        self.ctx.train(client, trainable, self.loss_fn(client), self.ctx.cfg.local_epochs,
-                       phase=f"mutual-{self.hp.mentee_arch}-{self.hp.hidden_map}")
+        return Phase(f"mutual-{self.hp.mentee_arch}-{self.hp.hidden_map}", trainable, self.ctx.cfg.local_epochs,
+                     loss=self.loss_fn(client))
 
-    def client_update(self, client, payload: Payload, round_index: int) -> Payload:
+    def client_update(self, client, payload: Payload, round_index: int):
         self.receive_mentee(client, payload)
         mentee = client.state["mentee"]
         state = mentee.state_dict()
         received = {name: state[name].detach().clone() for name in self.shapes}
-        self.local_train(client)
+        yield self.local_phase(client)
         with torch.no_grad(), self.ctx.accountant.count("train", None, client.id):
             if self.hp.compress_target == "weights":
                 upload = self.compress({name: state[name] for name in self.shapes}, round_index)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from algorithms.base import (Algorithm, Payload, aggregation_weights, check_aggregation, load_payload,
+from algorithms.base import (Algorithm, Payload, Phase, aggregation_weights, check_aggregation, load_payload,
                              state_payload, weighted_average)
 from bench.errors import UserError
 from models.groups import ARCHITECTURES
@@ -81,14 +81,11 @@ class FML(Algorithm):
     server_flops_by_upload_shapes = True
     description = "federated mutual learning: private model and a shared meme model distil into each other"
     Hyperparams = FMLHyperparams
+    batchable_clients = False  # every client trains the one working meme in turn
     profiles = {
         "official": {"aggregation": "uniform"},
         "htfllib": {"aggregation": "uniform", "detach_teacher": False, "kl_reduction": "mean"},
     }
-
-    @classmethod
-    def estimated_cost(cls, hp, cfg) -> float:
-        return 1.35 if hp.meme_arch == "cnn5" else 2.0  # private model plus the meme (other memes: not measured)
 
     def new_meme(self):
         return self.ctx.build_model(self.hp.meme_arch)
@@ -103,7 +100,7 @@ class FML(Algorithm):
     def server_payload(self, client, round_index: int) -> Payload:
         return state_payload(self.global_meme)
 
-    def client_update(self, client, payload: Payload, round_index: int) -> Payload:
+    def client_update(self, client, payload: Payload, round_index: int):
         private, meme = client.state["model"].train(), self.work_meme.train()
         load_payload(meme, payload)
         hp = self.hp
@@ -114,7 +111,7 @@ class FML(Algorithm):
             return loss_p + loss_m  # one backward: each model's gradient of the losses that reach it
 
         phase = f"mutual-{hp.meme_arch}" + ("" if hp.detach_teacher else "-undetached")
-        self.ctx.train(client, [private, meme], loss_fn, self.ctx.cfg.local_epochs, phase=phase)
+        yield Phase(phase, [private, meme], self.ctx.cfg.local_epochs, loss=loss_fn)
         return state_payload(meme)
 
     def aggregate(self, uploads: dict[int, Payload], round_index: int) -> None:

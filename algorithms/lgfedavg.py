@@ -22,10 +22,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.nn.functional as F
 from torch import nn
 
-from algorithms.base import (Algorithm, Payload, aggregation_weights, check_aggregation, load_payload,
+from algorithms.base import (Algorithm, Payload, Phase, aggregation_weights, check_aggregation, load_payload,
                              state_payload, weighted_average)
 from bench.errors import UserError
 
@@ -66,10 +65,6 @@ class LGFedAvg(Algorithm):
         "htfllib": {"eval_header": "global"},  # HtFLlib weights LG-FedAvg's average by n_k
     }
 
-    @classmethod
-    def estimated_cost(cls, hp, cfg) -> float:
-        return 1.0  # the same local training as Standalone
-
     def __init__(self, ctx, hp):
         super().__init__(ctx, hp)
         rep_dims = {ctx.representation_dim(arch) for arch in set(ctx.client_archs)}
@@ -93,21 +88,12 @@ class LGFedAvg(Algorithm):
             return {}
         return state_payload(self.global_header, PREFIX)
 
-    def client_update(self, client, payload: Payload, round_index: int) -> Payload:
+    def client_update(self, client, payload: Payload, round_index: int):
         model = client.state["model"].train()
         if payload:
             load_payload(model.header, payload, PREFIX)
-        self.ctx.train(client, [model], lambda x, y: F.cross_entropy(model(x), y), self.ctx.cfg.local_epochs,
-                       phase="local")
+        yield Phase("local", [model], self.ctx.cfg.local_epochs)  # CE(model(x), y)
         return state_payload(model.header, PREFIX)
-
-    def client_update_many(self, clients, payloads, round_index: int) -> dict[int, Payload]:
-        models = [c.state["model"].train() for c in clients]
-        for c, model in zip(clients, models):
-            if payloads[c.id]:
-                load_payload(model.header, payloads[c.id], PREFIX)
-        self.ctx.train_many(clients, models, self.ctx.cfg.local_epochs, phase="local")
-        return {c.id: state_payload(model.header, PREFIX) for c, model in zip(clients, models)}
 
     def aggregate(self, uploads: dict[int, Payload], round_index: int) -> None:
         weights = aggregation_weights(self.ctx, self.hp.aggregation)

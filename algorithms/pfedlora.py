@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from algorithms.base import (Algorithm, Payload, aggregation_weights, check_aggregation, load_payload,
+from algorithms.base import (Algorithm, Payload, Phase, aggregation_weights, check_aggregation, load_payload,
                              state_payload, weighted_average)
 from bench.errors import UserError
 from models.adapters import A_INITS, PLACEMENTS, LoRAAdapter, local_and_personalised_logits, personalised_logits
@@ -79,13 +79,6 @@ class PFedLoRA(Algorithm):
     def epochs(self) -> tuple[int, int]:
         return phase_epochs(self.hp, self.ctx.cfg.local_epochs)
 
-    @classmethod
-    def estimated_cost(cls, hp, cfg) -> float:
-        e_local, e_adapter = phase_epochs(hp, cfg.local_epochs)
-        if hp.training == "joint":
-            return 1.2 * e_local / cfg.local_epochs
-        return (e_local + 1.2 * e_adapter) / cfg.local_epochs  # phase 2 also runs F_k's forward
-
     def __init__(self, ctx, hp):
         super().__init__(ctx, hp)
         rep_dims = {ctx.representation_dim(arch) for arch in set(ctx.client_archs)}
@@ -93,6 +86,7 @@ class PFedLoRA(Algorithm):
             raise UserError(f"pfedlora.placement={hp.placement} needs one representation size across clients, "
                             f"got {sorted(rep_dims)}; use placement=model")
         self.rep_dim = rep_dims.pop()
+        self.batchable_clients = hp.persistent_optimizer != "shared"  # one momentum passed from client to client
 
     def new_adapter(self) -> LoRAAdapter:
         return LoRAAdapter(self.hp.placement, self.ctx.num_classes, self.hp.rank, rep_dim=self.rep_dim,
@@ -130,49 +124,53 @@ class PFedLoRA(Algorithm):
 
         return mixed
 
-    def client_update(self, client, payload: Payload, round_index: int) -> Payload:
+    def client_update(self, client, payload: Payload, round_index: int):
         model, adapter = client.state["model"], client.state["adapter"]
         load_payload(adapter, payload)  # theta^t, the global adapter
         e_local, e_adapter = self.epochs()
         if self.hp.training == "joint":
             set_trainable(model, True)
             set_trainable(adapter, True)
-            self.train(client, [model, adapter], self.loss(model, adapter), e_local, "joint")
+            yield from self.train(client, [model, adapter], self.loss(model, adapter), e_local, "joint")
         else:
             set_trainable(model, True)
             set_trainable(adapter, False)
             phase1 = "phase1-train-model" + ("-mix" if self.hp.phase1_mix else "")  # the mix adds F_k's own logits
-            self.train(client, [model], self.phase1_loss(model, adapter), e_local, phase1)
+            yield from self.train(client, [model], self.phase1_loss(model, adapter), e_local, phase1, partner=adapter)
             self.record_sampled(client, "acc_phase1_sampled", "eval-phase1")
             set_trainable(model, False)
             set_trainable(adapter, True)
-            self.train(client, [adapter], self.loss(model, adapter), e_adapter, "phase2-train-adapter")
+            yield from self.train(client, [adapter], self.loss(model, adapter), e_adapter, "phase2-train-adapter",
+                                  partner=model)
             self.record_sampled(client, "acc_phase2_sampled", "eval-phase2")
         set_trainable(model, True)
         set_trainable(adapter, True)
         return state_payload(adapter)
 
-    def train(self, client, trainable, loss, epochs: int, phase: str) -> None:
-        """ctx.train, except that under persistent_optimizer the adapter's SGD starts from its kept momentum
-        and keeps it."""
+    def train(self, client, trainable, loss, epochs: int, name: str, partner=None):
+        """Run one phase (`yield from`). With the additive placement, SPEC's CE(F_k + G) is the plain phase
+        CE(trainable + partner), which the simulator may batch across clients. Under persistent_optimizer the
+        adapter's SGD starts from its kept momentum and keeps it."""
+        plain = self.hp.placement == "model" and partner is not None and not name.endswith("-mix")
+        phase = Phase(name, trainable, epochs, loss=None if plain else loss, partner=partner if plain else None)
         adapter = client.state["adapter"]
         if self.hp.persistent_optimizer == "none" or all(m is not adapter for m in trainable):
-            self.ctx.train(client, trainable, loss, epochs, phase)
-            return
+            return (yield phase)
         momentum = client.state["adapter_momentum"] if self.hp.persistent_optimizer == "client" \
             else self.adapter_momentum
-        params, optimizers = self.ctx.optimizers_for(trainable)
+        params, optimizers = phase.optimizers = self.ctx.optimizers_for(trainable)
         i = next(i for i, m in enumerate(trainable) if m is adapter)
         kept, opt = params[i], optimizers[i]
         for p, buf in zip(kept, momentum.split([p.numel() for p in kept])):
             opt.state[p]["momentum_buffer"] = buf.view_as(p).clone()
-        self.ctx.train(client, trainable, loss, epochs, phase, optimizers=(params, optimizers))
+        mean_loss = yield phase
         # a new tensor, not an in-place update: a checkpoint taken in memory may still share the old one
         momentum = torch.cat([opt.state[p]["momentum_buffer"].flatten() for p in kept])
         if self.hp.persistent_optimizer == "client":
             client.state["adapter_momentum"] = momentum
         else:
             self.adapter_momentum = momentum
+        return mean_loss
 
     def record_sampled(self, client, name: str, tag: str) -> None:
         """Test accuracy of a sampled client's current prediction, as the round metric `name` (eval_phase1):
@@ -180,38 +178,6 @@ class PFedLoRA(Algorithm):
         if self.hp.eval_phase1:
             correct, count, _ = self.ctx.evaluate(client, lambda x: self.predict(client, x), tag=tag)
             self.ctx.record(name, correct / max(count, 1), weight=count)
-
-    def client_update_many(self, clients, payloads, round_index: int) -> dict[int, Payload]:
-        """Batched rounds: phase 1 for all clients (same-architecture F_k together, adapters as frozen
-        partners), then phase 2 for all (every client's adapter in one stack, F_k as frozen partners).
-        Only the additive placement ("model") with iterative training on the SPEC's losses and fresh
-        optimizers; any other setting trains one client at a time."""
-        hp = self.hp
-        unbatchable = (hp.placement != "model", hp.training != "iterative", hp.phase1_mix > 0,
-                       hp.persistent_optimizer != "none")
-        if any(unbatchable):
-            return super().client_update_many(clients, payloads, round_index)
-        models = [c.state["model"] for c in clients]
-        adapters = [c.state["adapter"] for c in clients]
-        for c, adapter in zip(clients, adapters):
-            load_payload(adapter, payloads[c.id])
-        e_local, e_adapter = self.epochs()
-        for model, adapter in zip(models, adapters):
-            set_trainable(model, True)
-            set_trainable(adapter, False)
-        self.ctx.train_many(clients, models, e_local, "phase1-train-model", partners=adapters)
-        for c in clients:
-            self.record_sampled(c, "acc_phase1_sampled", "eval-phase1")
-        for model, adapter in zip(models, adapters):
-            set_trainable(model, False)
-            set_trainable(adapter, True)
-        self.ctx.train_many(clients, adapters, e_adapter, "phase2-train-adapter", partners=models)
-        for c in clients:
-            self.record_sampled(c, "acc_phase2_sampled", "eval-phase2")
-        for model, adapter in zip(models, adapters):
-            set_trainable(model, True)
-            set_trainable(adapter, True)
-        return {c.id: state_payload(adapter) for c, adapter in zip(clients, adapters)}
 
     def aggregate(self, uploads: dict[int, Payload], round_index: int) -> None:
         weights = aggregation_weights(self.ctx, self.hp.aggregation)
