@@ -19,7 +19,8 @@ from bench.accounting import FlopAccountant
 from bench.config import RunConfig, config_differences, default_classes_per_client
 from bench.errors import UserError
 from bench.registry import resolve_algorithms
-from bench.simulator import RunContext
+from bench.context import RunContext
+from bench.estimate import estimate_seconds  # noqa: F401 (runner imports it from here)
 from bench.store import ResultsStore, new_root, run_key
 from data.device_data import DeviceData
 from data.partition import FILE_PREFIX, ClientSplit, is_file_partition, partition
@@ -119,68 +120,6 @@ def check_algorithms(cfg: RunConfig, runs: list[RunSpec], inputs: Inputs, device
         ctx = RunContext(cfg, inputs.data, device, cfg.seeds[0], cls.name, FlopAccountant(),
                          inputs.splits[cfg.seeds[0]])
         cls(ctx, spec.hparams)
-
-
-# ---- the up-front time estimate ---------------------------------------------------------------------------
-_SAMPLE_SECONDS: dict[tuple, tuple[float, float]] = {}  # timings reused by later estimates in this process
-
-
-def sample_seconds(ctx: RunContext, arch: str) -> tuple[float, float]:
-    """(seconds per training sample, per evaluation sample) of `arch`: a training step (batch building, the
-    run's optimizer and clipping) and an evaluation batch (at most 256 samples), each the median of three
-    calls after a warm-up one, so a busy moment does not skew it."""
-    cfg, data, device = ctx.cfg, ctx.data, ctx.device
-    train_idx = torch.arange(min(cfg.batch_size, len(data.y_train)), device=device)
-    eval_idx = torch.arange(min(cfg.eval_batch_size, 256, len(data.y_test)), device=device)
-    key = (arch, ctx.num_classes, tuple(data.x_train.shape[1:]), len(train_idx), len(eval_idx), str(device),
-           torch.get_num_threads())
-    if key in _SAMPLE_SECONDS:
-        return _SAMPLE_SECONDS[key]
-    model = ctx.build_model(arch)
-    params, optimizers = ctx.optimizers_for([model])
-
-    def train_step():
-        model.train()
-        for x, y in data.train_batches(train_idx, cfg.batch_size, ctx.generator):
-            ctx.step(lambda x, y: torch.nn.functional.cross_entropy(model(x), y), x, y, params, optimizers)
-
-    @torch.no_grad()
-    def eval_batch():
-        model.eval()
-        for x, _ in data.eval_batches("test", eval_idx, len(eval_idx)):
-            model(x).argmax(1)
-
-    def timed(fn) -> float:
-        fn()
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        return sorted(times)[1]
-    _SAMPLE_SECONDS[key] = timed(train_step) / len(train_idx), timed(eval_batch) / len(eval_idx)
-    return _SAMPLE_SECONDS[key]
-
-
-def estimate_seconds(cfg: RunConfig, data: DeviceData, splits: list[ClientSplit], device: torch.device,
-                     runs: list[RunSpec]) -> dict[str, float]:
-    """Rough wall time per algorithm, before anything runs: each architecture's timed cost per sample
-    (sample_seconds), scaled by the samples a run trains and evaluates (participating clients' train and
-    test+val splits each round, every client's once at the start) and by each algorithm's round cost
-    relative to Standalone (`estimated_cost`)."""
-    ctx = RunContext(cfg, data, device, cfg.seeds[0], "estimate", FlopAccountant(), splits)
-    cost_of = {arch: sample_seconds(ctx, arch) for arch in set(ctx.client_archs)}
-    train_epoch = sum(math.ceil(len(s.train) / cfg.batch_size) * cfg.batch_size * cost_of[arch][0]
-                      for s, arch in zip(splits, ctx.client_archs))
-    evaluation = sum((len(s.test) + len(s.val)) * cost_of[arch][1] for s, arch in zip(splits, ctx.client_archs))
-    out = {}
-    for spec in {r.name: r for r in runs}.values():
-        cost = spec.algorithm.estimated_cost(spec.hparams, cfg)
-        per_round = cfg.participation * (train_epoch * cfg.local_epochs + evaluation) * cost
-        out[spec.name] = (per_round * cfg.rounds + evaluation) * len(cfg.seeds)
-    return out
 
 
 # ---- the results folder ------------------------------------------------------------------------------------
