@@ -18,7 +18,7 @@ the observers' exits. Observers must not change the run (they see live models an
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 
 class Observer:
@@ -35,6 +35,12 @@ class Observers:
     def __init__(self, observers: Sequence[Observer] = ()):
         self.observers = list(observers)
 
+    def add(self, observer: Observer) -> None:
+        self.observers.append(observer)
+
+    def remove(self, observer: Observer) -> None:
+        self.observers.remove(observer)
+
     @contextlib.contextmanager
     def span(self, event: str, **info: Any) -> Iterator[dict[str, Any]]:
         """Yields `info`, to which the simulator adds the event's results before the observers' exits run."""
@@ -45,6 +51,19 @@ class Observers:
             for observer in self.observers:
                 stack.enter_context(observer.span(event, info))
             yield info
+
+
+class AtStart(Observer):
+    """Calls `fn(info)` as each `event` span starts (e.g. before a phase's first step)."""
+
+    def __init__(self, event: str, fn: Callable[[dict[str, Any]], None]):
+        self.event, self.fn = event, fn
+
+    @contextlib.contextmanager
+    def span(self, event: str, info: dict[str, Any]) -> Iterator[None]:
+        if event == self.event:
+            self.fn(info)
+        yield
 
 
 class Recorder(Observer):

@@ -5,7 +5,7 @@
    load_state_dict) give the same metrics and the same client/server state as the uninterrupted run;
 2. cached FLOPs equal full counting: flop_cache=True and flop_cache=False give the same train, eval and
    server FLOPs in every round (and per client);
-3. finite loss: every round's train_loss is finite (NaN means the plugin trained outside ctx.train);
+3. finite loss: every round's train_loss is finite (NaN means no client yielded a training Phase);
 4. bytes counted equal payload sizes: the bytes_up/bytes_down of every round, and each client's totals,
    equal the summed numel * element_size of the payloads the algorithm handed to the simulator;
 5. determinism under a seed: two fresh runs with the same seed give the same metrics;
@@ -19,9 +19,9 @@ observed), a second fresh run of the same seed that is checkpointed after round 
 Simulation restored from that checkpoint, and a run counting every FLOP: 3 full runs and one partial one.
 
 How payloads are observed (check 4): no module global is patched. The reference run's algorithm *instance*
-gets wrappers around its payload hooks (server_payload, after_aggregation_payload, and client_update or,
-with cfg.batched_training, client_update_many) that record the size of each dict they return: exactly the
-dicts the simulator passes to bench.accounting.transmit, with no algorithm code in between. The wrappers are
+gets wrappers around its payload hooks (server_payload, after_aggregation_payload, and client_update, whose
+generator's return value is the upload) that record the size of each dict they return: exactly the dicts the
+simulator passes to bench.accounting.transmit, with no algorithm code in between. The wrappers are
 plain functions, which Algorithm.state_dict never checkpoints.
 
     from bench.testing import check_algorithm
@@ -183,15 +183,32 @@ class _PayloadLog:
     """The payloads the algorithm hands to the simulator, recorded by wrapping the hooks of one algorithm
     instance (no module global is touched): (round index, "up"/"down", client id, bytes)."""
 
-    def __init__(self, algo: Algorithm, batched: bool):
+    def __init__(self, algo: Algorithm):
         self.records: list[tuple[int, str, int, int]] = []
         self._wrap(algo, "server_payload", "down", lambda args, out: {args[0].id: out})
         self._wrap(algo, "after_aggregation_payload", "down",
                    lambda args, out: {} if out is None else {args[0].id: out})
-        if batched:  # the default client_update_many calls client_update: wrap only one of them
-            self._wrap(algo, "client_update_many", "up", lambda args, out: dict(out))
-        else:
-            self._wrap(algo, "client_update", "up", lambda args, out: {args[0].id: out})
+        self._wrap_update(algo)
+
+    def _wrap_update(self, algo: Algorithm) -> None:
+        """client_update: its generator's return value (or a plain function's result) is the upload."""
+        original = algo.client_update
+
+        @functools.wraps(original)
+        def observed(client, payload, round_index):
+            out = original(client, payload, round_index)
+            if not hasattr(out, "send"):
+                self.records.append((round_index, "up", client.id, _size(out or {})))
+                return out
+
+            def recorded():
+                upload = yield from out
+                self.records.append((round_index, "up", client.id, _size(upload or {})))
+                return upload
+
+            return recorded()
+
+        algo.client_update = observed
 
     def _wrap(self, algo: Algorithm, hook: str, direction: str,
               payloads: Callable[[tuple, Any], dict[int, Any]]) -> None:
@@ -258,7 +275,7 @@ class _Checker:
         try:
             run.sim = sim = self.s.simulation(**overrides)
             if observe:
-                log = _PayloadLog(sim.algo, sim.cfg.batched_training)
+                log = _PayloadLog(sim.algo)
             run.history.append(sim.initial_metrics())
             for r in range(sim.cfg.rounds):
                 run.history.append(sim.run_round(r))
@@ -301,8 +318,8 @@ class _Checker:
         if reference.error:
             self.fail("finite loss" if isinstance(reference.exception, FloatingPointError) else "reference run",
                       f"the reference run raised {reference.error}" + (
-                          " (a training loss went NaN/inf: the algorithm diverges or feeds ctx.train a broken "
-                          "loss)" if isinstance(reference.exception, FloatingPointError) else ""))
+                          " (a training loss went NaN/inf: the algorithm diverges or a Phase's loss is "
+                          "broken)" if isinstance(reference.exception, FloatingPointError) else ""))
         self.guarded("finite loss", lambda: self.check_finite(reference))
         self.guarded("bytes counted equal payload sizes", lambda: self.check_bytes(reference, log))
         self.guarded("basic contract", lambda: self.check_predict(reference))
@@ -345,8 +362,8 @@ class _Checker:
             loss = metrics.get("train_loss", math.nan)
             if not math.isfinite(loss):
                 self.fail("finite loss", f"round {step}: train_loss is {loss}: no finite training loss was recorded "
-                                         "for the sampled clients; train through self.ctx.train (or "
-                                         "ctx.train_many), which counts the FLOPs and records the loss")
+                                         "for the sampled clients; yield the local training as Phases from client_update "
+                                         "(the simulator runs them, counts their FLOPs and records the loss)")
                 return
 
     def check_bytes(self, run: _Run, log: _PayloadLog | None) -> None:
@@ -450,7 +467,7 @@ class _Checker:
             wrong = [f"{col} {a.get(col)} cached vs {b.get(col)} counted" for col in FLOP_COLUMNS
                      if a.get(col) != b.get(col)]
             if wrong:
-                self.fail(check, f"{_step(step)}: {', '.join(wrong)}; a FLOP-cache key (a ctx.train phase, or an "
+                self.fail(check, f"{_step(step)}: {', '.join(wrong)}; a FLOP-cache key (a Phase name, or an "
                                  "accountant key) covers computations of different cost, or server work declared "
                                  "shape-determined (server_flops_by_upload_shapes) is not: give each distinct "
                                  "computation its own phase name")

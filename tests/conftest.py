@@ -48,6 +48,15 @@ def simulation():
     return make_simulation
 
 
+def client_update(sim: Simulation, client, payload, round_index: int = 0):
+    """One client's local update through the simulator's training path (the Phases its client_update yields,
+    run by bench/training.py): (upload, mean loss of its last phase, or None without training)."""
+    from bench.training import run_updates
+
+    done = run_updates(sim.ctx, sim.algo, [client], {client.id: payload}, round_index)
+    return done.uploads[client.id], done.final_loss.get(client.id)
+
+
 # ---- hand-made splits: exact, known client sizes (n_k differ), for the baselines' mechanism tests ----
 _HAND_DATA: dict[int, tuple] = {}
 

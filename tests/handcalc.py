@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-import bench.simulator as simulator
+import bench.context as context
 from models.cnn import SplitModel
 
 REP = 6  # the tiny model's representation size
@@ -26,7 +26,7 @@ class Tiny(SplitModel):
 
 def use_tiny(monkeypatch, batchnorm: bool = True) -> None:
     """Every model the simulator builds from now on (in this test) is a Tiny."""
-    monkeypatch.setattr(simulator, "build_model", lambda arch, k, c=3, s=32: Tiny(k, c, s, batchnorm))
+    monkeypatch.setattr(context, "build_model", lambda arch, k, c=3, s=32: Tiny(k, c, s, batchnorm))
 
 
 def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:

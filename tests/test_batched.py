@@ -134,7 +134,7 @@ def test_lazy_streams_with_step_counts():
         assert_models_close(models[k], seq[k])
 
 
-# ---- the simulator integration (RunContext.train_many, cfg.batched_training) ----
+# ---- the simulator integration (bench/training.py, cfg.batched_training) ----
 def _fixed_batches(sim) -> None:
     """Deterministic per-client batches (index order, no augmentation), so that sequential and batched
     rounds see identical batches whatever order they draw them in."""
@@ -152,14 +152,6 @@ def _fixed_batches(sim) -> None:
     sim.ctx.data = Fixed()
 
 
-def _integrated() -> bool:
-    from bench.config import RunConfig
-    from bench.simulator import RunContext
-
-    return hasattr(RunContext, "train_many") and hasattr(RunConfig(), "batched_training")
-
-
-@pytest.mark.skipif(not _integrated(), reason="batched training is not wired into the simulator yet")
 @pytest.mark.parametrize("algorithm,group", [("lgfedavg", "cnn-hetero"), ("pfedlora", "cnn-hetero"),
                                              ("fedgh", "cnn-hetero"), ("standalone", "cnn-hetero"),
                                              ("fedavg", "cnn5-homo")])
@@ -183,10 +175,9 @@ def test_batched_rounds_equal_sequential_rounds(simulation, algorithm, group):
         assert a["acc_mean"] == pytest.approx(b["acc_mean"], abs=0.02)
 
 
-@pytest.mark.skipif(not _integrated(), reason="batched training is not wired into the simulator yet")
 def test_algorithms_without_a_batched_path_are_unchanged_by_the_option(simulation):
-    """FML has no client_update_many of its own: with batched_training its clients run one after the other
-    through the default, with the same batches, so the round's numbers (train_loss included) are the same."""
+    """FML's clients share its working meme (batchable_clients = False): with batched_training they still run one
+    after the other, with the same batches, so the round's numbers (train_loss included) are the same."""
     metrics = {}
     for batched in (False, True):
         sim = simulation("fml", batched_training=batched, rounds=1)

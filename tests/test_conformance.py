@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from algorithms.base import Algorithm, NoHyperparams
+from algorithms.base import Algorithm, NoHyperparams, Phase
 from algorithms.standalone import Standalone
 from bench.errors import UserError
 from bench.registry import algorithms, canonical_algorithm_name
@@ -45,7 +45,7 @@ def test_every_builtin_passes(name):
 # ---- broken plugins fail, each on its own check --------------------------------------------------------------
 
 class TrainsOutsideCtx(Standalone):
-    """Trains with its own SGD loop instead of ctx.train: no loss recorded (NaN), no FLOPs counted."""
+    """Trains with its own SGD loop instead of yielding a Phase: no loss recorded (NaN), no FLOPs counted."""
     name = "conformance-outside"
 
     def client_update(self, client, payload, round_index):
@@ -58,10 +58,10 @@ class TrainsOutsideCtx(Standalone):
         return {}
 
 
-def test_training_outside_ctx_train_fails_with_finite_loss():
+def test_training_outside_phases_fails_with_finite_loss():
     err = failures_of(TrainsOutsideCtx)
     assert set(err.failures) == {"finite loss"}
-    assert "round 1: train_loss is nan" in str(err) and "self.ctx.train" in str(err)
+    assert "round 1: train_loss is nan" in str(err) and "yield the local training as Phases" in str(err)
 
 
 class FreshGeneratorNoise(Standalone):
@@ -73,7 +73,7 @@ class FreshGeneratorNoise(Standalone):
         self.offset = torch.zeros(self.ctx.num_classes)
 
     def client_update(self, client, payload, round_index):
-        super().client_update(client, payload, round_index)
+        yield from super().client_update(client, payload, round_index)
         fresh = torch.Generator()
         fresh.seed()  # non-deterministic seed
         return {"offset": torch.rand(self.ctx.num_classes, generator=fresh)}
@@ -97,7 +97,7 @@ class GlobalRNGNoise(FreshGeneratorNoise):
     name = "conformance-global-rng"
 
     def client_update(self, client, payload, round_index):
-        Standalone.client_update(self, client, payload, round_index)
+        yield from Standalone.client_update(self, client, payload, round_index)
         return {"offset": torch.rand(self.ctx.num_classes)}
 
 
@@ -162,9 +162,9 @@ class OnePhaseNameTwoComputations(Standalone):
 
     def client_update(self, client, payload, round_index):
         model = client.state["model"].train()
-        self.ctx.train(client, [model], lambda x, y: F.cross_entropy(model(x), y), 1, phase="local")
+        yield Phase("local", [model], 1)
         head_only = lambda x, y: F.cross_entropy(model.header(model.extractor(x).detach()), y)  # noqa: E731
-        self.ctx.train(client, [model.header], head_only, 1, phase="local")
+        yield Phase("local", [model.header], 1, loss=head_only)
         return {}
 
 

@@ -9,14 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from algorithms.base import Phase
 from algorithms.fedapen import FedAPEN, adapt_split
 from bench.accounting import payload_bytes, transmit
 from bench.config import RunConfig
 from bench.errors import UserError
 from bench.runner import client_splits
+from bench.observe import AtStart
 from bench.simulator import Simulation
 from data import DeviceData, synthetic_dataset
-from tests.conftest import make_hand_simulation, make_simulation
+from tests.conftest import client_update, make_hand_simulation, make_simulation
 from tests.handcalc import clipped
 
 CPU = torch.device("cpu")
@@ -49,7 +51,7 @@ def test_p_and_s_both_change_every_step():
         snapshots.append((params(private), params(shared)))
         return inner(x, y)
 
-    sim.ctx.train(client, [private, shared], loss, 1, phase="test", indices=algo.splits[client.id][0])
+    sim.ctx.train(client, Phase("test", [private, shared], 1, loss=loss, indices=algo.splits[client.id][0]))
     snapshots.append((params(private), params(shared)))
     assert len(snapshots) >= 3
     for (p0, s0), (p1, s1) in zip(snapshots, snapshots[1:]):
@@ -135,7 +137,7 @@ def test_one_step_on_the_training_part_moves_p_and_s_each_by_its_own_gradient(cl
     _, grads = hand_grads(*before, x, y, 0.7)
     n_p = len(list(private.parameters()))
     grads = clipped(grads[:n_p], clip) + clipped(grads[n_p:], clip)
-    upload = algo.client_update(client, payload, 0)
+    upload, _ = client_update(sim, client, payload, 0)
     lr, wd = sim.cfg.lr, sim.cfg.weight_decay
     old = [*before[0].parameters(), *before[1].parameters()]
     new = [*private.parameters(), *shared.parameters()]
@@ -240,7 +242,7 @@ def test_round_learns_lambda_on_the_new_s_and_evaluates_after_it():
 
 def train_alone(sim, client, key, epochs=4):
     model = client.state[key].train()
-    sim.ctx.train(client, [model], lambda x, y: F.cross_entropy(model(x), y), epochs, phase=f"alone-{key}")
+    sim.ctx.train(client, Phase(f"alone-{key}", [model], epochs))
 
 
 @pytest.mark.parametrize("strong, direction", [("model", 1), ("shared", -1)])
@@ -298,13 +300,12 @@ def test_round_trains_on_95_percent_and_ends_with_the_global_s(monkeypatch):
     sim = make_hand_simulation("fedapen", per_class=10, rounds=3)
     algo = sim.algo
     seen = {}
-    train = sim.ctx.train
 
-    def spy(client, trainable, loss_fn, epochs, phase, indices=None):
-        seen[client.id] = indices
-        return train(client, trainable, loss_fn, epochs, phase, indices)
+    def at_phase_start(info):
+        (cid,) = info["clients"]
+        seen[cid] = info["phase"].indices
 
-    monkeypatch.setattr(sim.ctx, "train", spy)
+    sim.observers.add(AtStart("phase", at_phase_start))
     metrics = sim.run_round(0)
     dense = 4 * CNN5_PARAMS[10]
     n = len(sim.clients)

@@ -8,6 +8,7 @@ import torch
 
 from algorithms.fedavg import FedAvg
 from bench.accounting import transmit
+from bench.training import run_updates
 from bench.errors import UserError
 from tests.conftest import make_hand_simulation, make_simulation
 from tests.handcalc import (client_step, cross_entropy, evaluation_by_hand, record_train_batches, snapshot,
@@ -44,10 +45,9 @@ def test_clients_train_the_downloaded_global_model_by_one_sgd_step_with_ce(monke
         train_same_arch = bench.batched.train_same_arch
         monkeypatch.setattr(bench.batched, "train_same_arch",
                             lambda models, *a, **k: (together.append(len(models)), train_same_arch(models, *a, **k))[1])
-        uploads = sim.algo.client_update_many(sim.clients, payloads, 0)
+    uploads = run_updates(sim.ctx, sim.algo, sim.clients, payloads, 0).uploads
+    if batched:
         assert together == [5]  # the five clients really trained as one batched model
-    else:
-        uploads = {c.id: sim.algo.client_update(c, payloads[c.id], 0) for c in sim.clients}
     assert len(calls) == 5 and all(len(batches) == 1 for batches in calls)
     batch_of = {}  # client -> its one batch, recognised by its classes (client i holds 2i and 2i+1)
     for (x, y), in calls:

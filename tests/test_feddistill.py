@@ -13,7 +13,7 @@ import torch
 from algorithms.feddistill import KEY_PREFIX, FedDistill
 from bench.errors import UserError
 from models.cnn import CNN
-from tests.conftest import make_hand_simulation, make_simulation
+from tests.conftest import client_update, make_hand_simulation, make_simulation
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -62,7 +62,7 @@ def test_upload_is_per_class_mean_of_the_training_logits(record):
     client = sim.clients[1]
     outputs, labels, undo = capture_training(sim, client)
     try:
-        upload = algo.client_update(client, algo.server_payload(client, 0), 0)
+        upload, _ = client_update(sim, client, algo.server_payload(client, 0), 0)
     finally:
         undo()
     n_batches = math.ceil(client.num_train / 4)
@@ -120,7 +120,7 @@ def test_one_step_follows_the_hand_written_loss(distance, normalise, lam):
     model = client.state["model"]
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     state = sim.ctx.generator.get_state()
-    sim.algo.client_update(client, {key(c): v for c, v in TABLE.items()}, 1)
+    _, loss = client_update(sim, client, {key(c): v for c, v in TABLE.items()}, 1)
 
     ref = CNN(client.arch, 10)
     ref.load_state_dict(before)
@@ -141,7 +141,7 @@ def test_loss_distils_towards_the_downloaded_logits_only_where_they_exist(distan
                    per_class=5)
     client = sim.clients[2]
     state = sim.ctx.generator.get_state()
-    sim.algo.client_update(client, {key(c): v for c, v in TABLE.items()}, 1)
+    _, loss = client_update(sim, client, {key(c): v for c, v in TABLE.items()}, 1)
     total = ce_only = seen = 0.0
     with torch.no_grad():
         for x, y in sim.ctx.data.train_batches(client.split.train, 4, torch.Generator().set_state(state)):
@@ -149,7 +149,7 @@ def test_loss_distils_towards_the_downloaded_logits_only_where_they_exist(distan
             total += float(hand_loss(logits, y, TABLE, distance, normalise, lam)) * len(y)
             ce_only += float(hand_loss(logits, y, {}, distance, normalise, 0.0)) * len(y)
             seen += len(y)
-    assert float(sim.ctx.last_train_loss) == pytest.approx(total / seen, rel=1e-5)
+    assert float(loss) == pytest.approx(total / seen, rel=1e-5)
     if lam > 0:
         assert abs(total - ce_only) > 1e-3  # the term is really there ("ce" can be negative)
     assert train_phases(sim) == ({f"distill-{distance}"} if lam > 0 else {"ce-only"})
@@ -162,11 +162,11 @@ def test_term_skipped_before_any_global_logit(distance):
     client = sim.clients[2]
     assert sim.algo.server_payload(client, 0) == {}
     state = sim.ctx.generator.get_state()
-    sim.algo.client_update(client, {}, 0)
+    _, loss = client_update(sim, client, {}, 0)
     with torch.no_grad():
         want = sum(float(hand_loss(client.state["model"](x), y, {}, distance, "batch", 0.0)) * len(y)
                    for x, y in sim.ctx.data.train_batches(client.split.train, 32, torch.Generator().set_state(state)))
-    assert float(sim.ctx.last_train_loss) == pytest.approx(want / client.num_train, rel=1e-5)
+    assert float(loss) == pytest.approx(want / client.num_train, rel=1e-5)
     sim.run_round(0)
     assert train_phases(sim) == {"ce-only"}
     sim.run_round(1)
@@ -177,11 +177,11 @@ def test_term_skipped_when_no_held_class_has_a_logit():
     sim = make_sim(lr=0.0)
     client = sim.clients[2]  # classes 4 and 5
     state = sim.ctx.generator.get_state()
-    sim.algo.client_update(client, {key(0): torch.ones(10)}, 1)
+    _, loss = client_update(sim, client, {key(0): torch.ones(10)}, 1)
     with torch.no_grad():
         want = sum(float(hand_loss(client.state["model"](x), y, {}, "mse", "batch", 0.0)) * len(y)
                    for x, y in sim.ctx.data.train_batches(client.split.train, 32, torch.Generator().set_state(state)))
-    assert float(sim.ctx.last_train_loss) == pytest.approx(want / client.num_train, rel=1e-5)
+    assert float(loss) == pytest.approx(want / client.num_train, rel=1e-5)
     assert train_phases(sim) == {"ce-only"}
 
 

@@ -13,7 +13,7 @@ import torch
 from algorithms.fedgh import FedGH, class_id_dtype
 from bench.accounting import payload_bytes, transmit
 from bench.errors import UserError
-from tests.conftest import make_hand_simulation, make_simulation
+from tests.conftest import client_update, make_hand_simulation, make_simulation
 from tests.handcalc import (REP, class_means, client_step, cross_entropy, evaluation_by_hand, features,
                             record_train_batches, sgd_step, snapshot, use_tiny, with_header)
 
@@ -63,8 +63,7 @@ def server_training(header, rounds, hp, seed, run_batch, grad_clip):
 
 # ---- the client ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("many", [False, True])  # client_update, or client_update_many (batched_training)
-def test_client_loads_h_trains_the_whole_model_with_ce_and_uploads_exact_class_means(tiny, monkeypatch, many):
+def test_client_loads_h_trains_the_whole_model_with_ce_and_uploads_exact_class_means(tiny, monkeypatch):
     sim = make_sim(batch_size=64, lr=0.5)  # one batch per client: exactly one SGD step
     algo, client = sim.algo, sim.clients[2]
     with torch.no_grad():
@@ -72,10 +71,7 @@ def test_client_loads_h_trains_the_whole_model_with_ce_and_uploads_exact_class_m
     own, header = snapshot(client.state["model"]), snapshot(algo.header)
     calls = record_train_batches(monkeypatch, sim.ctx.data)
     payload, _ = transmit(algo.server_payload(client, 0), CPU)  # round index 0: H is sent by default
-    if many:
-        upload, _ = transmit(algo.client_update_many([client], {client.id: payload}, 0)[client.id], CPU)
-    else:
-        upload, _ = transmit(algo.client_update(client, payload, 0), CPU)
+    upload, _ = transmit(client_update(sim, client, payload, 0)[0], CPU)
 
     assert len(calls) == 1 and len(calls[0]) == 1  # one training pass of one batch, nothing else augmented
     x, y = calls[0][0]
@@ -97,7 +93,7 @@ def test_without_initial_header_round_zero_trains_from_the_clients_own_header(ti
     assert algo.server_payload(client, 0) == {}
     own = snapshot(client.state["model"])
     calls = record_train_batches(monkeypatch, sim.ctx.data)
-    algo.client_update(client, {}, 0)
+    client_update(sim, client, {}, 0)
     x, y = calls[0][0]
     expected = client_step(own, x, y, sim.cfg)
     torch.testing.assert_close(snapshot(client.state["model"])["header.weight"], expected["header.weight"],
@@ -110,7 +106,7 @@ def test_batch_mean_representations_are_means_of_per_batch_class_means_over_augm
     sim = make_sim(batch_size=4, hp={"representation": "batch-mean"})
     algo, client = sim.algo, sim.clients[4]  # 14 samples: batches of 4, 4, 4, 2
     calls = record_train_batches(monkeypatch, sim.ctx.data)
-    upload = algo.client_update(client, algo.server_payload(client, 0), 0)
+    upload, _ = client_update(sim, client, algo.server_payload(client, 0), 0)
     assert len(calls) == 2 and len(calls[1]) == 4  # training, then one more pass over augmented batches
     p = snapshot(client.state["model"])
     sums: dict[int, torch.Tensor] = {}

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from algorithms.base import Phase
 from algorithms.fedkd import (FedKD, compress, decompress, energy_threshold, svd_factors, svd_flops,
                               truncation_rank)
 from bench.accounting import EXTRA_FLOP_FORMULAS, payload_bytes, transmit
@@ -18,7 +19,7 @@ from bench.errors import UserError
 from bench.runner import client_splits
 from bench.simulator import Simulation
 from data import DeviceData, synthetic_dataset
-from tests.conftest import make_hand_simulation, make_simulation
+from tests.conftest import client_update, make_hand_simulation, make_simulation
 from tests.handcalc import clipped
 
 CPU = torch.device("cpu")
@@ -160,7 +161,7 @@ def test_one_step_trains_mentor_mentee_and_w_each_by_its_own_gradient(clip):
     sizes = [len(list(before[k].parameters())) for k in ("model", "mentee", "W")]
     groups = [grads[:sizes[0]], grads[sizes[0]:sizes[0] + sizes[1]], grads[sizes[0] + sizes[1]:]]
     grads = [g for group in groups for g in clipped(group, clip)]
-    algo.local_train(client)
+    sim.ctx.train(client, algo.local_phase(client))
     lr, wd = sim.cfg.lr, sim.cfg.weight_decay
     old = [p for k in ("model", "mentee", "W") for p in before[k].parameters()]
     new = [p for k in ("model", "mentee", "W") for p in client.state[k].parameters()]
@@ -239,16 +240,17 @@ def test_upload_is_the_truncated_update_at_the_scheduled_energy(options, round_i
     deltas = designed_deltas(algo.shapes)
     seen = {}
 
-    def fake_training(c):  # a known update instead of SGD
+    def fake_training(c):  # a known update instead of SGD: applied here, then a phase of no steps
         state = c.state["mentee"].state_dict()
         seen["received"] = {k: state[k].clone() for k in algo.shapes}
         for k, d in deltas.items():
             state[k].add_(d)
         seen["trained"] = {k: state[k].clone() for k in algo.shapes}
+        return Phase("fake", [c.state["mentee"]], epochs=0)
 
-    algo.local_train = fake_training
+    algo.local_phase = fake_training
     payload, _ = transmit(algo.server_payload(client, round_index), CPU)
-    upload = algo.client_update(client, payload, round_index)
+    upload, _ = client_update(sim, client, payload, round_index)
     offset = hp.get("energy_round_offset", 1)
     threshold = 0.95 + (round_index + offset) / 4 * (0.98 - 0.95)
     if hp.get("compress_target") == "weights":
@@ -285,7 +287,7 @@ def real_update():
     algo, client = sim.algo, sim.clients[0]
     algo.receive_mentee(client, transmit(algo.server_payload(client, 0), CPU)[0])
     before = state_copy(client.state["mentee"])
-    algo.local_train(client)
+    sim.ctx.train(client, algo.local_phase(client))
     after = client.state["mentee"].state_dict()
     return {k: after[k] - before[k] for k in algo.shapes}, algo.shapes, algo.dense_bytes
 
@@ -438,11 +440,11 @@ def test_mentor_mentee_and_w_train():
     sim = make_sim()
     algo, client = sim.algo, sim.clients[1]
     before = {k: state_copy(client.state[k]) for k in ("model", "mentee", "W")}
-    algo.local_train(client)
+    sim.ctx.train(client, algo.local_phase(client))
     for key in ("model", "mentee", "W"):
         assert changed(before[key], client.state[key]), key
     assert "W" in client.state and tuple(client.state["W"].weight.shape) == (500, 500)
-    assert not any("W" in k for k in algo.client_update(client, algo.server_payload(client, 0), 0))
+    assert not any("W" in k for k in client_update(sim, client, algo.server_payload(client, 0), 0)[0])
 
 
 # ---- costs --------------------------------------------------------------------------------------------------------
@@ -483,10 +485,15 @@ def test_fedkd_compression_flops_equal_hand_count():
     assert sorted(tuple(s[:1]) + (int(torch.tensor(s[1:]).prod()),) for s in algo.shapes.values() if len(s) >= 2) \
         == sorted(CNN5_MATRICES)
     deltas = designed_deltas(algo.shapes)
-    algo.local_train = lambda c: [c.state["mentee"].state_dict()[k].add_(d) for k, d in deltas.items()]
+    def fake_training(c):  # a known update instead of SGD: applied here, then a phase of no steps
+        for k, d in deltas.items():
+            c.state["mentee"].state_dict()[k].add_(d)
+        return Phase("fake", [c.state["mentee"]], epochs=0)
+
+    algo.local_phase = fake_training
     payload, _ = transmit(algo.server_payload(client, 0), CPU)  # round 0: the full mentee, copied (0 FLOPs)
     before = sim.accountant.by_client[client.id]
-    algo.client_update(client, payload, 0)
+    client_update(sim, client, payload, 0)
     hand = sum(thin_svd_flops(m, n) for m, n in CNN5_MATRICES)
     assert sim.accountant.by_client[client.id] - before == hand
     full_formula = sum(4 * max(m, n) ** 2 * min(m, n) + 22 * min(m, n) ** 3 for m, n in CNN5_MATRICES)

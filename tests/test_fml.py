@@ -12,7 +12,7 @@ from algorithms.base import state_payload
 from algorithms.fml import FML, mutual_losses
 from bench.errors import UserError
 from models.cnn import CNN
-from tests.conftest import make_hand_simulation, make_simulation
+from tests.conftest import client_update, make_hand_simulation, make_simulation
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 MEME_PARAMS = {("cnn5", 10): 670_058, ("cnn5", 100): 715_148, ("cnn1", 10): 2_621_558, ("cnn1", 100): 2_666_648}
@@ -102,7 +102,7 @@ def test_one_step_moves_both_models_each_by_its_own_loss(clip, hp):
     private = client.state["model"]
     p_before, global_before = params_of(private), params_of(algo.global_meme)
     gen_state = sim.ctx.generator.get_state()
-    upload = algo.client_update(client, payload, 0)
+    upload, _ = client_update(sim, client, payload, 0)
 
     ref_p, ref_m = CNN("cnn1", 10), CNN("cnn5", 10)
     ref_p.load_state_dict(p_before)
@@ -136,7 +136,7 @@ def test_undetached_teachers_differ_from_the_spec_step():
     for detach in (True, False):
         sim = make_sim(batch_size=64, lr=0.05, hp={"alpha": 0.4, "beta": 0.7, "detach_teacher": detach})
         client = sim.clients[0]
-        sim.algo.client_update(client, sim.algo.server_payload(client, 0), 0)
+        client_update(sim, client, sim.algo.server_payload(client, 0), 0)
         moved.append(params_of(client.state["model"]))
     assert not torch.allclose(moved[0]["header.weight"], moved[1]["header.weight"], rtol=0, atol=1e-7)
 

@@ -10,11 +10,14 @@ last test also runs a round with torch.cuda.set_sync_debug_mode("error") around 
 """
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
 from bench.batched import SGDSettings, train_same_arch
+from bench.observe import Observer
 from bench.registry import algorithms
 from models.groups import build_model
 
@@ -74,18 +77,27 @@ def _check_same_device(func, args, kwargs) -> None:
         raise HostSyncError(f"cross-device .to() inside the training step: {src.device} -> {target}")
 
 
-def _guard_training(sim) -> list[int]:
-    """Run every ctx.train call of `sim` under ForbidHostSync; returns a list counting the guarded calls."""
-    calls = []
-    original = sim.ctx.train
+class _GuardPhases(Observer):
+    """Runs every training phase of a simulation inside `guard()` (an observer: nothing patched)."""
 
-    def guarded(*args, **kwargs):
-        calls.append(1)
-        with ForbidHostSync():
-            return original(*args, **kwargs)
+    def __init__(self, guard):
+        self.guard, self.calls = guard, 0
 
-    sim.ctx.train = guarded
-    return calls
+    @contextlib.contextmanager
+    def span(self, event, info):
+        if event != "phase":
+            yield
+            return
+        self.calls += 1
+        with self.guard():
+            yield
+
+
+def _guard_training(sim, guard=None) -> _GuardPhases:
+    """Run every training phase of `sim` under ForbidHostSync (or `guard`); .calls counts the guarded phases."""
+    observer = _GuardPhases(guard or ForbidHostSync)
+    sim.observers.add(observer)
+    return observer
 
 
 def test_the_guard_catches_syncs():
@@ -117,7 +129,7 @@ def test_no_host_sync_inside_training_steps(simulation, algorithm):
         for r in range(2):
             metrics = sim.run_round(r)
             assert torch.isfinite(torch.tensor(metrics["train_loss"]))
-    assert calls, "the algorithm never trained through ctx.train"
+    assert calls.calls, "the algorithm never yielded a training phase"
 
 
 def test_fedavg_no_host_sync(simulation):
@@ -126,7 +138,7 @@ def test_fedavg_no_host_sync(simulation):
     with torch.autograd.set_detect_anomaly(True):
         sim.run_round(0)
         sim.run_round(1)
-    assert calls
+    assert calls.calls
 
 
 @pytest.mark.parametrize("algorithm", ["pfedlora", "fedkd"])
@@ -179,37 +191,24 @@ def test_cuda_sync_debug_mode(algorithm):
     ds = synthetic_dataset(train_size=1000, test_size=300)
     sim = Simulation(cfg, resolve_algorithms([algorithm])[0], 0, DeviceData(ds, device),
                      client_splits(cfg, ds, 0, device), device)
-    original = sim.ctx.train
-
-    def guarded(*args, **kwargs):
+    @contextlib.contextmanager
+    def sync_errors():
         torch.cuda.set_sync_debug_mode("error")
         try:
-            return original(*args, **kwargs)
+            yield
         finally:
             torch.cuda.set_sync_debug_mode(0)
 
-    sim.ctx.train = guarded
+    _guard_training(sim, sync_errors)
     sim.run_round(0)
     sim.run_round(1)
 
 
-def _batched_integrated() -> bool:
-    from bench.config import RunConfig
-
-    return hasattr(RunConfig(), "batched_training")
-
-
-@pytest.mark.skipif(not _batched_integrated(), reason="batched training is not wired into the simulator yet")
 @pytest.mark.parametrize("algorithm", ["pfedlora", "lgfedavg"])
 def test_batched_rounds_have_no_host_sync(simulation, algorithm):
     sim = simulation(algorithm, rounds=2, num_clients=10, participation=0.4, batch_size=64, batched_training=True)
-    original = sim.ctx.train_many
-
-    def guarded(*args, **kwargs):
-        with ForbidHostSync():
-            return original(*args, **kwargs)
-
-    sim.ctx.train_many = guarded
+    guarded = _guard_training(sim)
     with torch.autograd.set_detect_anomaly(True):
         sim.run_round(0)
         sim.run_round(1)
+    assert guarded.calls

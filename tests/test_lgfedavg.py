@@ -12,9 +12,10 @@ from algorithms.base import state_payload
 from algorithms.lgfedavg import LGFedAvg
 from bench.config import RunConfig
 from bench.errors import UserError
+from bench.observe import AtStart
 from bench.simulator import Simulation
 from models.cnn import CNN
-from tests.conftest import hand_dataset as dataset, hand_splits, make_hand_simulation, make_simulation
+from tests.conftest import client_update, hand_dataset as dataset, hand_splits, make_hand_simulation, make_simulation
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
@@ -72,7 +73,7 @@ def test_one_step_trains_the_whole_model_from_the_downloaded_header(clip):
     before = snapshot(model)
     payload = {k: v + 0.01 * torch.randn_like(v) for k, v in sim.algo.server_payload(client, 0).items()}
     state = sim.ctx.generator.get_state()
-    upload = sim.algo.client_update(client, payload, 0)
+    upload, _ = client_update(sim, client, payload, 0)
 
     ref = CNN(client.arch, 10)
     ref.load_state_dict({**before, **{f"header.{k}": v for k, v in unprefixed(payload).items()}})
@@ -98,16 +99,14 @@ def test_client_trains_from_the_global_header_and_its_own_extractor():
     extractor_before = snapshot(model.extractor)
     assert not same(snapshot(model.header), snapshot(sim.algo.global_header))
     seen = {}
-    train = sim.ctx.train
 
-    def spying_train(c, trainable, loss_fn, epochs, phase, indices=None):
+    def at_phase_start(info):
         seen["header"], seen["extractor"] = snapshot(model.header), snapshot(model.extractor)
-        seen["trainable"] = trainable
-        return train(c, trainable, loss_fn, epochs, phase, indices)
+        seen["trainable"] = info["phase"].trainable
 
-    sim.ctx.train = spying_train
+    sim.observers.add(AtStart("phase", at_phase_start))
     payload = sim.algo.server_payload(client, 1)
-    upload = sim.algo.client_update(client, payload, 1)
+    upload, _ = client_update(sim, client, payload, 1)
     assert same(seen["header"], unprefixed(payload))  # loaded the global header
     assert same(seen["extractor"], extractor_before)  # and kept its own extractor
     assert seen["trainable"] == [model]  # the whole model trains
@@ -189,16 +188,16 @@ def test_global_eval_header_broadcasts_to_every_client_and_evaluates_all():
     down = {c.id: 0 for c in sim.clients}
     for r in range(2):
         start_headers = {}
-        train = sim.ctx.train
 
-        def spying_train(c, trainable, loss_fn, epochs, phase, indices=None):
-            start_headers[c.id] = snapshot(c.state["model"].header)
-            return train(c, trainable, loss_fn, epochs, phase, indices)
+        def at_phase_start(info):
+            for cid in info["clients"]:
+                start_headers[cid] = snapshot(sim.clients[cid].state["model"].header)
 
-        sim.ctx.train = spying_train
+        spy = AtStart("phase", at_phase_start)
+        sim.observers.add(spy)
         global_before = snapshot(sim.algo.global_header)
         metrics = sim.run_round(r)
-        sim.ctx.train = train
+        sim.observers.remove(spy)
         for cid in sampled[r]:  # every round starts from the global header (downloaded, then broadcast)
             assert same(start_headers[cid], global_before), (r, cid, sampled)
         glob = snapshot(sim.algo.global_header)

@@ -254,7 +254,7 @@ def test_aggregation_weights(aggregation):
     original = sim.algo.client_update
 
     def client_update(client, payload, round_index):
-        up = original(client, payload, round_index)
+        up = yield from original(client, payload, round_index)
         uploads[client.id] = {k: v.clone() for k, v in up.items()}
         return up
 

@@ -2,12 +2,13 @@
 
 ExampleHeadAvg: every client keeps its own feature extractor; the linear header (the one layer of equal
 shape across CNN-1..5) is shared. Per round the server sends its global header, each sampled client loads it,
-trains its whole model with cross-entropy through ctx.train and uploads its header; the server moves the
+trains its whole model with cross-entropy (one Phase it yields) and uploads its header; the server moves the
 global header a step `server_lr` towards the n_k-weighted mean of the uploads (server_lr=1: LG-FedAvg).
 
 What it shows a plugin author: a Hyperparams dataclass whose defaults validate and whose errors are
 UserErrors; server state held as attributes (a module and a python int), which the default state_dict
-checkpoints; training only through self.ctx.train (FLOPs counted, loss recorded); payloads as dicts of
+checkpoints; local training as Phases that client_update yields (the simulator runs them, counts their FLOPs,
+records their loss and may batch plain ones across clients); payloads as dicts of
 tensors (the simulator copies them and counts their bytes); aggregation FLOPs declared shape-determined.
 It is not registered with @register: a third-party plugin is found through the `bench.algorithms`
 entry point.
@@ -17,10 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from algorithms.base import (Algorithm, Payload, aggregation_weights, check_aggregation, load_payload,
+from algorithms.base import (Algorithm, Payload, Phase, aggregation_weights, check_aggregation, load_payload,
                              state_payload, weighted_average)
 from bench.errors import UserError
 
@@ -62,11 +62,10 @@ class ExampleHeadAvg(Algorithm):
     def server_payload(self, client, round_index: int) -> Payload:
         return state_payload(self.global_header, PREFIX)
 
-    def client_update(self, client, payload: Payload, round_index: int) -> Payload:
+    def client_update(self, client, payload: Payload, round_index: int):
         model = client.state["model"].train()
         load_payload(model.header, payload, PREFIX)
-        self.ctx.train(client, [model], lambda x, y: F.cross_entropy(model(x), y), self.ctx.cfg.local_epochs,
-                       phase="local")
+        yield Phase("local", [model], self.ctx.cfg.local_epochs)  # no loss given: CE(model(x), y)
         return state_payload(model.header, PREFIX)
 
     def aggregate(self, uploads: dict[int, Payload], round_index: int) -> None:
