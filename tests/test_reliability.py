@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from algorithms.base import Phase
 from algorithms.standalone import Standalone
 from bench import cli, registry
 from bench.config import load_config
@@ -175,8 +176,8 @@ class PoisonedPhase(Standalone):
     def client_update(self, client, payload, round_index):
         model, aux = client.state["model"].train(), client.state["aux"]
         scale = float("nan") if round_index == 1 else 1.0
-        self.ctx.train(client, [model], lambda x, y: F.cross_entropy(model(x), y) * scale, 1, phase="main")
-        self.ctx.train(client, [aux], lambda x, y: aux(torch.ones(1, 1)).pow(2).mean(), 1, phase="aux")
+        yield Phase("main", [model], 1, loss=lambda x, y: F.cross_entropy(model(x), y) * scale)
+        yield Phase("aux", [aux], 1, loss=lambda x, y: aux(torch.ones(1, 1)).pow(2).mean())
         return {}
 
 
