@@ -95,9 +95,8 @@ def estimate_run(cfg: RunConfig, spec: Any, data: DeviceData, splits: list[Clien
         for cid in ids:
             client = sim.clients[cid]
             client.state = sim.store.checkout(cid)
-            payload = sim.send(cid, sim.algo.server_payload(client, 0), "download", 0)
-            update = run_updates(sim.ctx, sim.algo, [client], {cid: payload}, 0)
-            uploads[cid] = sim.send(cid, update.uploads[cid], "upload", 0)
+            update = run_updates(sim.ctx, sim.algo, [client], {cid: sim.download(cid, 0)}, 0)
+            uploads[cid] = sim.upload(cid, update.uploads[cid], 0)
         updates = time.perf_counter() - start
     scale = capped.full / max(capped.taken, 1)
     per_update = (updates + watch.seconds["phase"] * (scale - 1)) / len(ids)

@@ -4,13 +4,15 @@ The simulator wraps each event of a round in `observer.span(event, info)` for ev
 so an observer sees the start (enter) and the end (exit) of each one, nested as they happen:
 
     round      info: round (0-based), clients (the sampled ids)
-    download   info: client, round; at exit: payload (as received), bytes
-    update     info: client, round (the client's own code in its local update: one span per stretch
-               between phases, the phases themselves outside it)
+    download   info: client, round, late (the post-aggregation download); at exit: payload (as received),
+               bytes (the server's payload hook runs inside; a late payload of None ends it without them)
+    update     info: client, round (the client's own code: its local update, one span per stretch between
+               phases, the phases themselves outside it; receive_after_aggregation)
     phase      info: clients (trained together; one id unless batched), phase (the Phase), round;
                at exit: losses {client: mean loss tensor}
     upload     info: client, round; at exit: payload (as received by the server), bytes
     aggregate  info: round, uploads
+    evaluation info: clients (the clients (re-)evaluated after a round, or all of them before round 1)
     evaluate   info: client, split, tag; at exit: correct, count (every ctx.evaluate call)
 
 Values added at exit are in `info` when the span's exit runs. An exception inside a span propagates through

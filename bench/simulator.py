@@ -115,24 +115,35 @@ class Simulation:
             payloads = {}
             for cid in cohort:
                 self.clients[cid].state = self.store.checkout(cid)
-                payloads[cid] = self.send(cid, self.algo.server_payload(self.clients[cid], round_index),
-                                          "download", round_index)
+                payloads[cid] = self.download(cid, round_index)
             updates = run_updates(self.ctx, self.algo, [self.clients[cid] for cid in cohort], payloads, round_index)
             check_finite(updates.losses, round_index)
             for cid in cohort:
-                uploads[cid] = self.send(cid, updates.uploads[cid], "upload", round_index)
+                uploads[cid] = self.upload(cid, updates.uploads[cid], round_index)
             losses.update(updates.final_loss)
         return uploads, losses
 
-    def send(self, cid: int, payload: Payload, direction: str, round_index: int) -> Payload:
-        """Transmit a payload between the server and client `cid` ("download" or "upload"): a copy on the
-        run's device, its bytes counted."""
-        with self.observers.span(direction, client=cid, round=round_index) as info:
+    def download(self, cid: int, round_index: int, late: bool = False) -> Payload | None:
+        """The server's payload for client `cid` (server_payload; after_aggregation_payload when `late`),
+        transmitted: a copy on the run's device, its bytes counted. None when a late payload is None."""
+        with self.observers.span("download", client=cid, round=round_index, late=late) as info:
+            make = self.algo.after_aggregation_payload if late else self.algo.server_payload
+            payload = make(self.clients[cid], round_index)
+            if payload is None:
+                return None
             received, size = transmit(payload, self.device)
             info.update(payload=received, bytes=size)
-        key = "down" if direction == "download" else "up"
-        (self.bytes_down if key == "down" else self.bytes_up)[cid] += size
-        self.round_bytes[key] += size
+        self.bytes_down[cid] += size
+        self.round_bytes["down"] += size
+        return received
+
+    def upload(self, cid: int, payload: Payload, round_index: int) -> Payload:
+        """Client `cid`'s upload as the server receives it (a copy; its bytes counted)."""
+        with self.observers.span("upload", client=cid, round=round_index) as info:
+            received, size = transmit(payload, self.device)
+            info.update(payload=received, bytes=size)
+        self.bytes_up[cid] += size
+        self.round_bytes["up"] += size
         return received
 
     def aggregate(self, uploads: dict[int, Payload], round_index: int) -> None:
@@ -154,10 +165,10 @@ class Simulation:
             client = self.clients[cid]
             if cid not in sampled:
                 client.state = self.store.checkout(cid)
-            late = self.algo.after_aggregation_payload(client, round_index)
-            if late is not None:
-                payload = self.send(cid, late, "download", round_index)
-                self.algo.receive_after_aggregation(client, payload, round_index)
+            payload = self.download(cid, round_index, late=True)
+            if payload is not None:
+                with self.observers.span("update", client=cid, round=round_index):
+                    self.algo.receive_after_aggregation(client, payload, round_index)
             if cid not in sampled and not self.algo.prediction_uses_server_state:
                 self.store.checkin(cid)
 
@@ -187,13 +198,15 @@ class Simulation:
     def evaluate(self, client_ids: Iterable[int]) -> dict[str, float]:
         """Evaluate the given clients on their validation and test sets, then summarise over ALL clients
         (clients whose state did not change keep their last evaluation)."""
-        for cid in client_ids:
-            client = self.clients[cid]
-            client.state = self.store.checkout(cid)
-            predict = lambda x, c=client: self.algo.predict(c, x)  # noqa: E731
-            for split, table in (("test", self.test_evals), ("val", self.val_evals)):
-                correct, count, loss = self.ctx.evaluate(client, predict, split)
-                table[cid] = ClientEval(int(correct), count, float(loss))
+        client_ids = list(client_ids)
+        with self.observers.span("evaluation", clients=client_ids):
+            for cid in client_ids:
+                client = self.clients[cid]
+                client.state = self.store.checkout(cid)
+                predict = lambda x, c=client: self.algo.predict(c, x)  # noqa: E731
+                for split, table in (("test", self.test_evals), ("val", self.val_evals)):
+                    correct, count, loss = self.ctx.evaluate(client, predict, split)
+                    table[cid] = ClientEval(int(correct), count, float(loss))
         return summarise(self.test_evals, self.val_evals)
 
     def initial_metrics(self) -> dict[str, float]:

@@ -1,5 +1,7 @@
-"""Where a harness round's time goes: timers wrapped around the simulator's parts from the outside (no
-edit of bench/), and host memory readings.
+"""Where a harness round's time goes, observed from outside without patching anything: the simulator's
+events through an observer (bench/observe.py), training/evaluation batches through a data wrapper and the
+FLOP accountant's work through a subclass, both handed to the Simulation when it is built (RoundTimer); and host
+memory readings.
 
 Each timed section records its EXCLUSIVE time (its own time minus its timed children), keyed by the path
 of enclosing sections, so the parts add up to the round. `categorise` folds the paths into the categories
@@ -13,7 +15,8 @@ from typing import Any, Iterator
 
 import torch
 
-import bench.simulator as simulator_module
+from bench.accounting import FlopAccountant
+from bench.observe import Observer
 
 
 class Sections:
@@ -53,102 +56,106 @@ def _counting_now() -> bool:
     return any("FlopCounter" in type(m).__name__ for m in _get_current_dispatch_mode_stack())
 
 
-def _timed_iter(sections: Sections, name: str, iterable, counter: dict | None = None):
-    it = iter(iterable)
-    while True:
-        with sections(name):
-            try:
-                item = next(it)
-            except StopIteration:
-                return
-        if counter is not None:
-            counter["samples"] += len(item[1])
-        yield item
+class RoundTimer(Observer):
+    """Times a Simulation's parts while recording. Build the Simulation with `data=probe.data`,
+    `accountant=probe.accountant` and `observers=[probe]`; then `with probe.recording() as rec:` around the
+    rounds to time. `rec` receives `sections`, `accounting_calls` [(kind, key, cached, body seconds)] and
+    `counter` (samples, train_passes)."""
 
+    # simulator events -> section names (evaluate/evaluation: everything under them counts as evaluation)
+    SECTION = {"round": "round", "download": "transmit", "upload": "transmit", "update": "client_update",
+               "phase": "train", "aggregate": "aggregate", "evaluation": "evaluate_clients", "evaluate": "evaluate"}
 
-class _TimedData:
-    def __init__(self, data, sections: Sections, counter: dict):
-        self._data, self._sections, self._counter = data, sections, counter
-
-    def __getattr__(self, name: str):
-        return getattr(self._data, name)
-
-    def train_batches(self, *args, **kwargs):
-        return _timed_iter(self._sections, "data", self._data.train_batches(*args, **kwargs), self._counter)
-
-    def eval_batches(self, *args, **kwargs):
-        return _timed_iter(self._sections, "data", self._data.eval_batches(*args, **kwargs))
-
-
-@contextmanager
-def instrumented(sim) -> Iterator[dict[str, Any]]:
-    """Within the block, `sim.run_round` is timed part by part; the yielded dict receives
-    `sections`, `accounting_calls` [(kind, key, cached, body seconds)], `samples`, `train_passes`."""
-    sections = Sections(sync=sim.device.type == "cuda")
-    counter = {"samples": 0, "train_passes": 0}
-    calls: list[tuple] = []
-    acc, ctx, algo = sim.accountant, sim.ctx, sim.algo
-    original_count = acc.count
-    original_transmit = simulator_module.transmit
-    original_data = ctx.data
-    patched_ctx = {"train": ctx.train, "evaluate": ctx.evaluate}
-    patched_algo = {name: getattr(algo, name) for name in
-                    ("server_payload", "client_update", "aggregate", "after_aggregation_payload",
-                     "receive_after_aggregation")}
-    patched_sim = {"run_round": sim.run_round, "evaluate": sim.evaluate}
+    def __init__(self, data, device: torch.device, flop_cache: bool = True):
+        self.data = _TimedData(data, self)
+        self.accountant = _TimedAccountant(self, cache=flop_cache)
+        self.sync = device.type == "cuda"
+        self.rec: dict[str, Any] | None = None
 
     @contextmanager
-    def count(kind, key=None, client_id=None):
-        full = None if key is None else (kind, *key)
-        with sections("accounting"):
-            cm = original_count(kind, key, client_id)
+    def recording(self) -> Iterator[dict[str, Any]]:
+        self.rec = {"sections": Sections(sync=self.sync), "accounting_calls": [],
+                    "counter": {"samples": 0, "train_passes": 0}}
+        try:
+            yield self.rec
+        finally:
+            self.rec = None
+
+    def section(self, name: str):
+        from contextlib import nullcontext
+
+        return self.rec["sections"](name) if self.rec is not None else nullcontext()
+
+    @contextmanager
+    def span(self, event: str, info: dict[str, Any]) -> Iterator[None]:
+        if self.rec is not None and event == "phase":
+            self.rec["counter"]["train_passes"] += info["phase"].epochs * len(info["clients"])
+        with self.section(self.SECTION.get(event, event)):
+            yield
+
+
+def _counting_now() -> bool:
+    """True while a FlopCounterMode is active (it pushes a dispatch mode named _FlopCounterMode)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    return any("FlopCounter" in type(m).__name__ for m in _get_current_dispatch_mode_stack())
+
+
+class _TimedAccountant(FlopAccountant):
+    """The accountant's own code timed as "accounting", the counted block as "<kind>-body"."""
+
+    def __init__(self, timer: RoundTimer, cache: bool = True):
+        super().__init__(cache=cache)
+        self.probe = probe
+
+    @contextmanager
+    def count(self, kind: str, key: tuple | None = None, client_id: int | None = None) -> Iterator[None]:
+        probe = self.probe
+        if probe.rec is None:
+            with super().count(kind, key, client_id):
+                yield
+            return
+        with probe.section("accounting"):
+            cm = super().count(kind, key, client_id)
             cm.__enter__()
         cached = not _counting_now()  # whatever the accountant's caching rule: did it start a counter?
         start = time.perf_counter()
         try:
-            with sections(f"{kind}-body"):
+            with probe.section(f"{kind}-body"):
                 yield
         finally:
             body = time.perf_counter() - start
-            with sections("accounting"):
+            with probe.section("accounting"):
                 cm.__exit__(None, None, None)
-            calls.append((kind, full, cached, body))
+            probe.rec["accounting_calls"].append((kind, None if key is None else (kind, *key), cached, body))
 
-    def wrap(name, fn):
-        def timed(*args, **kwargs):
-            with sections(name):
-                return fn(*args, **kwargs)
-        return timed
 
-    def transmit(*args, **kwargs):
-        with sections("transmit"):
-            return original_transmit(*args, **kwargs)
+class _TimedData:
+    """The run's data; building each batch is timed as "data" (training samples counted)."""
 
-    def train(client, trainable, loss_fn, epochs, *args, **kwargs):
-        counter["train_passes"] += epochs
-        with sections("train"):
-            return patched_ctx["train"](client, trainable, loss_fn, epochs, *args, **kwargs)
+    def __init__(self, data, timer: RoundTimer):
+        self._data, self._probe = data, probe
 
-    acc.count = count
-    simulator_module.transmit = transmit
-    ctx.data = _TimedData(original_data, sections, counter)
-    ctx.train = train
-    ctx.evaluate = wrap("evaluate", patched_ctx["evaluate"])
-    for name, fn in patched_algo.items():
-        setattr(algo, name, wrap(name, fn))
-    sim.run_round = wrap("round", patched_sim["run_round"])
-    sim.evaluate = wrap("evaluate_clients", patched_sim["evaluate"])
-    out: dict[str, Any] = {"sections": sections, "accounting_calls": calls, "counter": counter}
-    try:
-        yield out
-    finally:
-        del acc.count
-        simulator_module.transmit = original_transmit
-        ctx.data = original_data
-        del ctx.train, ctx.evaluate
-        for name in patched_algo:
-            delattr(algo, name)
-        del sim.run_round, sim.evaluate
+    def __getattr__(self, name: str):
+        return getattr(self._data, name)
+
+    def _timed(self, iterable, count: bool):
+        it = iter(iterable)
+        while True:
+            with self._probe.section("data"):
+                try:
+                    item = next(it)
+                except StopIteration:
+                    return
+            if count and self._probe.rec is not None:
+                self._probe.rec["counter"]["samples"] += len(item[1])
+            yield item
+
+    def train_batches(self, *args, **kwargs):
+        return self._timed(self._data.train_batches(*args, **kwargs), count=True)
+
+    def eval_batches(self, *args, **kwargs):
+        return self._timed(self._data.eval_batches(*args, **kwargs), count=False)
 
 
 CATEGORIES = ("compute", "data", "payload_aggregation", "evaluation", "flop_accounting", "algorithm_other",
@@ -163,13 +170,13 @@ def categorise(sections: Sections, accounting_calls: list[tuple],
     compute: training forward/backward/optimizer steps (bodies of the FLOP-counted training blocks, which
       also hold the algorithms' own counted tensor work such as FedKD's SVDs);
     data: building training batches (gather, augmentation, normalisation) and algorithm passes' batches;
-    payload_aggregation: payload copies (transmit), server_payload, aggregate (incl. server training),
-      the post-aggregation download;
+    payload_aggregation: the downloads (the server's payload hooks and the copies) and uploads, aggregate
+      (incl. server training);
     evaluation: everything under evaluation (its batches and forwards), incl. pFedLoRA's phase-1 check;
     flop_accounting: the accountant's own code, plus the extra time a step takes while FlopCounterMode
       counts it (the first step of every new key), moved out of compute/evaluation;
     algorithm_other: the plugins' client-side code outside training steps;
-    harness_loop: the round loop's own code (sampling, store, metrics) and RunContext.train's loop code
+    harness_loop: the round loop's own code (sampling, store, metrics) and the phase runner's loop code
       (optimizer construction, loss accumulation)."""
     out = dict.fromkeys(CATEGORIES, 0.0)
     for path, seconds in sections.exclusive.items():
@@ -183,11 +190,11 @@ def categorise(sections: Sections, accounting_calls: list[tuple],
             out["compute"] += seconds
         elif leaf == "data":
             out["data"] += seconds
-        elif leaf in ("transmit", "server_payload", "aggregate", "after_aggregation_payload", "server-body"):
+        elif leaf in ("transmit", "aggregate", "server-body"):
             out["payload_aggregation"] += seconds
-        elif leaf in ("client_update", "receive_after_aggregation", "eval-body"):
+        elif leaf in ("client_update", "eval-body"):
             out["algorithm_other"] += seconds
-        else:  # "round" and "train": the round loop's and RunContext.train's own code
+        else:  # "round" and "train": the round loop's and the phase runner's own code
             out["harness_loop"] += seconds
     # Time spent counting FLOPs inside uncached steps moves from compute / evaluation to accounting.
     excess = counting_excess(accounting_calls, cached_body or {}, counter_overhead or {})

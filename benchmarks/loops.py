@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from bench.accounting import FLOP_KINDS
+from algorithms.base import Phase
 from bench.simulator import ClientEval, RunContext, Simulation
 
 
@@ -43,6 +44,19 @@ class NullAccountant:
 
     def snapshot(self) -> dict[str, int]:
         return dict.fromkeys(FLOP_KINDS, 0)
+
+
+def drive(update, run_phase: Callable[[Phase], torch.Tensor]) -> tuple[dict, torch.Tensor | None]:
+    """Run one client's update as a plain loop does: each Phase client_update yields through run_phase, one
+    after the other. Returns (upload, the last phase's loss)."""
+    if not hasattr(update, "send"):  # no training
+        return update, None
+    loss = None
+    try:
+        while True:
+            loss = run_phase(update.send(loss))
+    except StopIteration as done:
+        return done.value or {}, loss
 
 
 def _adopt(sim: Simulation, cls: type, **attrs: Any) -> Any:
@@ -122,11 +136,12 @@ class ReferenceContext(RunContext):
                 batch_size=self.cfg.batch_size, shuffle=True, num_workers=0)
         return self.loaders[key]
 
-    def train(self, client, trainable, loss_fn, epochs, phase, indices=None):
-        params, optimizers = self.optimizers_for(trainable)
-        loader = self.loader(client, indices)
+    def train(self, client, phase: Phase):
+        params, optimizers = phase.optimizers or self.optimizers_for(phase.trainable)
+        loss_fn = phase.loss_fn()
+        loader = self.loader(client, phase.indices)
         total, seen = 0.0, 0
-        for _ in range(epochs):
+        for _ in range(phase.epochs):
             for x, y in loader:
                 x, y = x.to(self.device), y.to(self.device)
                 loss = loss_fn(x, y)
@@ -139,8 +154,7 @@ class ReferenceContext(RunContext):
                     opt.step()
                 total += loss.item() * len(y)  # the usual per-batch loss logging
                 seen += len(y)
-        self.last_train_loss = torch.tensor(total / max(seen, 1))
-        return self.last_train_loss
+        return torch.tensor(total / max(seen, 1))
 
     @torch.no_grad()
     def evaluate(self, client, predict, split="test", tag="eval"):
@@ -200,10 +214,12 @@ class ReferenceRun:
             _load_state(local, torch.load(self.path(cid), weights_only=True))  # loaded from disk
             client.state = local
             payload = copy.deepcopy(algo.server_payload(client, round_index))
-            uploads[cid] = copy.deepcopy(algo.client_update(client, payload, round_index))
+            upload, loss = drive(algo.client_update(client, payload, round_index),
+                                 lambda phase, c=client: ctx.train(c, phase))
+            uploads[cid] = copy.deepcopy(upload)
             torch.save(_state_dicts(local), self.path(cid))                   # saved to disk
             self.models[cid] = local
-            losses.append(float(ctx.last_train_loss))
+            losses.append(float(loss) if loss is not None else float("nan"))
         algo.aggregate(uploads, round_index)
         for cid in sampled:
             late = algo.after_aggregation_payload(sim.clients[cid], round_index)
@@ -266,16 +282,17 @@ class FloorData:
 
 
 class FloorContext(RunContext):
-    def train(self, client, trainable, loss_fn, epochs, phase, indices=None):
-        params, optimizers = self.optimizers_for(trainable)
-        batches = self.data.batches(client.split.train if indices is None else indices, self.cfg.batch_size)
+    def train(self, client, phase: Phase):
+        params, optimizers = phase.optimizers or self.optimizers_for(phase.trainable)
+        loss_fn = phase.loss_fn()
+        batches = self.data.batches(client.split.train if phase.indices is None else phase.indices,
+                                    self.cfg.batch_size)
         loss = None
-        for _ in range(epochs):
+        for _ in range(phase.epochs):
             for x, y in batches:
                 loss = self.step(loss_fn, x, y, params, optimizers)
                 self.samples += len(y)
-        self.last_train_loss = loss.detach() if loss is not None else torch.zeros(())
-        return self.last_train_loss
+        return loss.detach() if loss is not None else torch.zeros(())
 
     @torch.no_grad()
     def evaluate(self, client, predict, split="test", tag="eval"):
@@ -304,7 +321,8 @@ class FloorRun:
         uploads = {}
         for cid in sampled:
             client = sim.clients[cid]
-            upload = algo.client_update(client, algo.server_payload(client, round_index), round_index)
+            upload, _ = drive(algo.client_update(client, algo.server_payload(client, round_index), round_index),
+                              lambda phase, c=client: ctx.train(c, phase))
             # Uploads may alias the algorithm's working modules (FML's meme), so keep a copy.
             uploads[cid] = {k: v.detach().clone() for k, v in upload.items()}
         algo.aggregate(uploads, round_index)

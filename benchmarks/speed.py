@@ -232,7 +232,9 @@ def measure_algorithm(name: str, algo_cls, setting: Setting, plan: Plan, dataset
     gc.collect()
     instrument.trim_heap()  # hand freed memory of earlier algorithms back, so RSS readings are this run's
     rss_start = instrument.rss_bytes()
-    ours = Simulation(cfg, algo_cls, plan.seed, data, splits, device)
+    timer = instrument.RoundTimer(data, device, flop_cache=cfg.flop_cache)  # times parts of the rounds it records
+    ours = Simulation(cfg, algo_cls, plan.seed, timer.data, splits, device, accountant=timer.accountant,
+                      observers=[timer])
     rss_built = instrument.rss_bytes()
     state = [ours.store.state_bytes(c.id) for c in ours.clients]
 
@@ -241,7 +243,7 @@ def measure_algorithm(name: str, algo_cls, setting: Setting, plan: Plan, dataset
     peak_reset = instrument.reset_peak_rss()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    with instrument.instrumented(ours) as cold:
+    with timer.recording() as cold:
         ours.run_round(0)
     peak_rss = instrument.peak_rss_bytes()
     peak_device = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
@@ -265,7 +267,7 @@ def measure_algorithm(name: str, algo_cls, setting: Setting, plan: Plan, dataset
         samples.append(floor.samples_per_round[-1])
 
     # A steady-state instrumented round of the harness (not used for the ratios).
-    with instrument.instrumented(ours) as hot:
+    with timer.recording() as hot:
         hot_seconds, hot_metrics = timed(lambda: ours.run_round(1 + setting.reps), device)
     cached = instrument.cached_bodies(cold["accounting_calls"] + hot["accounting_calls"])
     hot_parts = instrument.categorise(hot["sections"], hot["accounting_calls"], cached, counter_overhead)
