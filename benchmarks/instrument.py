@@ -106,35 +106,35 @@ class _TimedAccountant(FlopAccountant):
 
     def __init__(self, timer: RoundTimer, cache: bool = True):
         super().__init__(cache=cache)
-        self.probe = probe
+        self.timer = timer
 
     @contextmanager
     def count(self, kind: str, key: tuple | None = None, client_id: int | None = None) -> Iterator[None]:
-        probe = self.probe
-        if probe.rec is None:
+        timer = self.timer
+        if timer.rec is None:
             with super().count(kind, key, client_id):
                 yield
             return
-        with probe.section("accounting"):
+        with timer.section("accounting"):
             cm = super().count(kind, key, client_id)
             cm.__enter__()
         cached = not _counting_now()  # whatever the accountant's caching rule: did it start a counter?
         start = time.perf_counter()
         try:
-            with probe.section(f"{kind}-body"):
+            with timer.section(f"{kind}-body"):
                 yield
         finally:
             body = time.perf_counter() - start
-            with probe.section("accounting"):
+            with timer.section("accounting"):
                 cm.__exit__(None, None, None)
-            probe.rec["accounting_calls"].append((kind, None if key is None else (kind, *key), cached, body))
+            timer.rec["accounting_calls"].append((kind, None if key is None else (kind, *key), cached, body))
 
 
 class _TimedData:
     """The run's data; building each batch is timed as "data" (training samples counted)."""
 
     def __init__(self, data, timer: RoundTimer):
-        self._data, self._probe = data, probe
+        self._data, self._timer = data, timer
 
     def __getattr__(self, name: str):
         return getattr(self._data, name)
@@ -142,13 +142,13 @@ class _TimedData:
     def _timed(self, iterable, count: bool):
         it = iter(iterable)
         while True:
-            with self._probe.section("data"):
+            with self._timer.section("data"):
                 try:
                     item = next(it)
                 except StopIteration:
                     return
-            if count and self._probe.rec is not None:
-                self._probe.rec["counter"]["samples"] += len(item[1])
+            if count and self._timer.rec is not None:
+                self._timer.rec["counter"]["samples"] += len(item[1])
             yield item
 
     def train_batches(self, *args, **kwargs):
