@@ -49,16 +49,9 @@ class Sections:
         return sum(self.exclusive.values())
 
 
-def _counting_now() -> bool:
-    """True while a FlopCounterMode is active (it pushes a dispatch mode named _FlopCounterMode)."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
-
-    return any("FlopCounter" in type(m).__name__ for m in _get_current_dispatch_mode_stack())
-
-
 class RoundTimer(Observer):
-    """Times a Simulation's parts while recording. Build the Simulation with `data=probe.data`,
-    `accountant=probe.accountant` and `observers=[probe]`; then `with probe.recording() as rec:` around the
+    """Times a Simulation's parts while recording. Build the Simulation with `data=timer.data`,
+    `accountant=timer.accountant` and `observers=[timer]`; then `with timer.recording() as rec:` around the
     rounds to time. `rec` receives `sections`, `accounting_calls` [(kind, key, cached, body seconds)] and
     `counter` (samples, train_passes)."""
 

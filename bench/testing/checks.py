@@ -1,258 +1,28 @@
-"""The conformance kit: `check_algorithm(cls)` runs a tiny synthetic federation of an algorithm plugin
-(built-in or third-party) through the real Simulation and checks what every plugin must guarantee:
-
-1. checkpoint round trip: rounds after a checkpoint (state_dict -> file -> fresh Simulation ->
-   load_state_dict) give the same metrics and the same client/server state as the uninterrupted run;
-2. cached FLOPs equal full counting: flop_cache=True and flop_cache=False give the same train, eval and
-   server FLOPs in every round (and per client);
-3. finite loss: every round's train_loss is finite (NaN means no client yielded a training Phase);
-4. bytes counted equal payload sizes: the bytes_up/bytes_down of every round, and each client's totals,
-   equal the summed numel * element_size of the payloads the algorithm handed to the simulator;
-5. determinism under a seed: two fresh runs with the same seed give the same metrics;
-6. basic contract: predict returns finite (batch, num_classes) float logits; the Hyperparams dataclass
-   defaults (and every reference profile) validate; make_hparams rejects an unknown key with a UserError.
-
-Every check runs (one whose run crashed fails as "not checked", giving the run's error); then the failures are
-raised together as one AssertionError naming the plugin and each failed check. Metrics are compared exactly,
-except timing columns (names ending in "time"). The runs are: the reference run (cached FLOPs, payloads
-observed), a second fresh run of the same seed that is checkpointed after round 1 and continued, the fresh
-Simulation restored from that checkpoint, and a run counting every FLOP: 3 full runs and one partial one.
-
-How payloads are observed (check 4): no module global is patched. The reference run's algorithm *instance*
-gets wrappers around its payload hooks (server_payload, after_aggregation_payload, and client_update, whose
-generator's return value is the upload) that record the size of each dict they return: exactly the dicts the
-simulator passes to bench.accounting.transmit, with no algorithm code in between. The wrappers are
-plain functions, which Algorithm.state_dict never checkpoints.
-
-    from bench.testing import check_algorithm
-    check_algorithm(MyAlgo)                       # tiny defaults; raises AssertionError on failure
-    check_algorithm(MyAlgo, hparams={"rank": 4}, model_group="cnn1-homo", num_clients=4)
-"""
+"""The conformance checks (see bench/testing/__init__.py): the runs they compare and each check."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import tempfile
-import time
 import traceback
-from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 
-from algorithms.base import Algorithm
 from bench.checkpoint import load_file, save_file
-from bench.config import RunConfig, resolve_dataset_defaults
 from bench.errors import UserError
-from bench.plan import client_splits
 from bench.simulator import Simulation, eval_mode
-from data.device_data import DeviceData
-from data.sources import ArrayDataset, load_dataset, synthetic_dataset
-from models.groups import is_homogeneous
+from bench.testing.setup import _PayloadLog, _Run, _Setup
 
-CHECKS = ("checkpoint round trip", "cached FLOPs equal full counting", "finite loss",
-          "bytes counted equal payload sizes", "determinism under a seed", "basic contract")
 FLOP_COLUMNS = ("train_flops", "eval_flops", "server_flops")
 UNKNOWN_KEY = "__conformance_no_such_hyperparameter__"
 STATE_PREFIXES = ("client/", "server/")  # what checkpoint check compares besides the metrics
-
-_DATA: dict[tuple, tuple[ArrayDataset, DeviceData]] = {}
 
 
 def is_timing(column: str) -> bool:
     """Wall-clock columns (round_time, cum_round_time, a plugin's *_time): never compared."""
     return column.endswith("time")
-
-
-@dataclass
-class ConformanceResult:
-    """What check_algorithm returns when every check passed."""
-    algorithm: str
-    checks: tuple[str, ...]
-    seconds: float
-    settings: dict[str, Any] = field(default_factory=dict)
-
-
-class ConformanceError(AssertionError):
-    """Raised by check_algorithm: `failures` maps each failed check to its messages."""
-
-    def __init__(self, algorithm: str, failures: dict[str, list[str]]):
-        self.algorithm, self.failures = algorithm, failures
-        lines = [f"algorithm plugin {algorithm!r} fails {len(failures)} conformance check(s) "
-                 f"({', '.join(failures)}):"]
-        for check, messages in failures.items():
-            lines += [f"- {check}: {messages[0]}", *(f"    {m}" for m in messages[1:])]
-        super().__init__("\n".join(lines))
-
-
-def check_algorithm(cls: type[Algorithm] | str, *, model_group: str | None = None,
-                    dataset: str | ArrayDataset = "synthetic", num_clients: int = 5, participation: float = 0.6,
-                    rounds: int = 2, seed: int = 0, batch_size: int = 16, train_size: int = 200,
-                    test_size: int = 100, hparams: Mapping[str, Any] | None = None, profile: str = "spec",
-                    threads: int | None = 1, device: str = "cpu", **config: Any) -> ConformanceResult:
-    """Run the conformance checks on an algorithm class (or a registered name); raise ConformanceError
-    (an AssertionError) listing every failed check, else return a ConformanceResult.
-
-    model_group: None = "cnn-hetero", or "cnn5-homo" for a homogeneous_only algorithm. dataset: "synthetic"
-    / "synthetic:K" (built with train_size/test_size images, seed 0), any other name bench.data loads, or an
-    ArrayDataset. participation < 1 (default 3 of 5 clients) makes the later rounds depend on the sampler's
-    state. rounds >= 2: the checkpoint is taken after round 1 and every later round compared. hparams: the
-    algorithm's hyper-parameter overrides; profile: its reference profile. threads: torch CPU threads during
-    the check (restored after; None leaves them). Any other keyword is a RunConfig field (e.g.
-    batched_training=True, local_epochs=2)."""
-    if isinstance(cls, str):
-        from bench.registry import resolve_algorithms
-
-        cls = resolve_algorithms([cls])[0]
-    if rounds < 2:
-        raise ValueError(f"check_algorithm needs rounds >= 2 (a checkpoint after round 1), got {rounds}")
-    name = getattr(cls, "name", None) or getattr(cls, "__name__", repr(cls))
-    start = time.perf_counter()
-    previous_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        setup = _Setup.build(cls, name, model_group=model_group, dataset=dataset, num_clients=num_clients,
-                             participation=participation, rounds=rounds, seed=seed, batch_size=batch_size,
-                             train_size=train_size, test_size=test_size, hparams=hparams, profile=profile,
-                             device=device, config=config)
-        failures = _Checker(setup).run()
-    finally:
-        torch.set_num_threads(previous_threads)
-    if failures:
-        raise ConformanceError(name, failures)
-    return ConformanceResult(name, CHECKS, time.perf_counter() - start,
-                             {"model_group": setup.cfg.model_group, "num_clients": num_clients, "rounds": rounds,
-                              "seed": seed, "batch_size": batch_size})
-
-
-# ---- the tiny run ------------------------------------------------------------------------------------------
-
-@dataclass
-class _Setup:
-    cls: type[Algorithm]
-    name: str
-    cfg: RunConfig
-    data: DeviceData
-    splits: list
-    seed: int
-    device: torch.device
-
-    @classmethod
-    def build(cls, algo_cls, name, *, model_group, dataset, num_clients, participation, rounds, seed,
-              batch_size, train_size, test_size, hparams, profile, device, config) -> "_Setup":
-        if model_group is None:
-            model_group = "cnn5-homo" if getattr(algo_cls, "homogeneous_only", False) else "cnn-hetero"
-        elif getattr(algo_cls, "homogeneous_only", False) and not is_homogeneous(model_group):
-            raise ValueError(f"{name} is homogeneous_only; give a homogeneous model_group, not {model_group!r}")
-        dev = torch.device(device)
-        ds, data = _dataset(dataset, train_size, test_size, config.get("augment", True), dev)
-        settings = dict(algorithms=[name], dataset=ds.name, num_clients=num_clients, participation=participation,
-                        rounds=rounds, local_epochs=1, batch_size=batch_size, eval_batch_size=256,
-                        model_group=model_group, seeds=[seed], device=device, profile=profile,
-                        algo={name: dict(hparams)} if hparams else {}, checkpoint_every=0)
-        settings.update(config)
-        cfg = resolve_dataset_defaults(RunConfig(**settings), ds.num_classes)
-        return cls(algo_cls, name, cfg, data, client_splits(cfg, ds, seed, dev), seed, dev)
-
-    def simulation(self, **overrides: Any) -> Simulation:
-        cfg = dataclasses.replace(self.cfg, **overrides)
-        return Simulation(cfg, self.cls, self.seed, self.data, self.splits, self.device)
-
-
-def _dataset(dataset, train_size: int, test_size: int, augment: bool, device: torch.device
-             ) -> tuple[ArrayDataset, DeviceData]:
-    if isinstance(dataset, ArrayDataset):
-        return dataset, DeviceData(dataset, device, augment=augment)
-    key = (dataset, train_size, test_size, augment, str(device))
-    if key not in _DATA:
-        text = dataset.strip().lower()
-        if text == "synthetic" or text.startswith("synthetic:"):
-            classes = 10 if text == "synthetic" else int(text.split(":", 1)[1])
-            ds = synthetic_dataset(num_classes=classes, train_size=train_size, test_size=test_size, seed=0)
-        else:
-            ds = load_dataset(dataset)
-        _DATA[key] = (ds, DeviceData(ds, device, augment=augment))
-    return _DATA[key]
-
-
-class _PayloadLog:
-    """The payloads the algorithm hands to the simulator, recorded by wrapping the hooks of one algorithm
-    instance (no module global is touched): (round index, "up"/"down", client id, bytes)."""
-
-    def __init__(self, algo: Algorithm):
-        self.records: list[tuple[int, str, int, int]] = []
-        self._wrap(algo, "server_payload", "down", lambda args, out: {args[0].id: out})
-        self._wrap(algo, "after_aggregation_payload", "down",
-                   lambda args, out: {} if out is None else {args[0].id: out})
-        self._wrap_update(algo)
-
-    def _wrap_update(self, algo: Algorithm) -> None:
-        """client_update: its generator's return value (or a plain function's result) is the upload."""
-        original = algo.client_update
-
-        @functools.wraps(original)
-        def observed(client, payload, round_index):
-            out = original(client, payload, round_index)
-            if not hasattr(out, "send"):
-                self.records.append((round_index, "up", client.id, _size(out or {})))
-                return out
-
-            def recorded():
-                upload = yield from out
-                self.records.append((round_index, "up", client.id, _size(upload or {})))
-                return upload
-
-            return recorded()
-
-        algo.client_update = observed
-
-    def _wrap(self, algo: Algorithm, hook: str, direction: str,
-              payloads: Callable[[tuple, Any], dict[int, Any]]) -> None:
-        original = getattr(algo, hook)
-
-        @functools.wraps(original)
-        def observed(*args, **kwargs):
-            out = original(*args, **kwargs)
-            round_index = kwargs.get("round_index", args[-1] if args else None)
-            for cid, payload in payloads(args, out).items():
-                self.records.append((round_index, direction, cid, _size(payload)))
-            return out
-
-        setattr(algo, hook, observed)  # an instance attribute: shadows the method for this run only
-
-    def totals(self, round_index: int) -> dict[str, int]:
-        out = {"up": 0, "down": 0}
-        for r, direction, _, size in self.records:
-            if r == round_index:
-                out[direction] += size
-        return out
-
-    def by_client(self, direction: str) -> dict[int, int]:
-        out: dict[int, int] = defaultdict(int)
-        for _, d, cid, size in self.records:
-            if d == direction:
-                out[cid] += size
-        return dict(out)
-
-
-def _size(payload: Any) -> int:
-    """numel * element_size summed over a payload's tensors (what goes on the wire); malformed payloads are
-    left to the simulator, which rejects them."""
-    if not isinstance(payload, Mapping):
-        return 0
-    return sum(t.numel() * t.element_size() for t in payload.values() if isinstance(t, torch.Tensor))
-
-
-@dataclass
-class _Run:
-    history: list[dict[str, float]] = field(default_factory=list)  # step 0 (initial evaluation), rounds 1..R
-    sim: Simulation | None = None
-    error: str | None = None
-    exception: BaseException | None = None
 
 
 class _Checker:
