@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +76,13 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def clients_per_round(self) -> int:
+        """The clients sampled each round: ceil(C x N), at least 1 (so C is never met from below: 0.1 of 3
+        clients samples 1, 0.35 of 10 samples 4). A product within 1e-9 of an integer counts as that integer
+        (0.1 x 30 is 3.0000000000000004 in floating point, and means 3)."""
+        return max(1, math.ceil(round(self.participation * self.num_clients, 9)))
 
 
 PRESETS: dict[str, dict[str, Any]] = {
