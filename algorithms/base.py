@@ -3,6 +3,7 @@ loops over rounds or clients itself, and never measures its own costs."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Generator, Mapping, Sequence
 
@@ -121,6 +122,10 @@ class Algorithm:
             default = fields[key].default
             if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"{cls.name}.{key} must be a finite number, got {value}")
+            if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2**31 - 1:
+                raise UserError(f"{cls.name}.{key}={value} is out of range; valid: at most 2147483647 in size")
             if default is not None and default is not dataclasses.MISSING and type(value) is not type(default):
                 raise UserError(f"{cls.name}.{key} must be {type(default).__name__}, got {value!r}")
             values[key] = value

@@ -3,96 +3,27 @@
 One vocabulary across run, resume, paper and report: an option that means the same thing has the same name
 and form everywhere (`--seed` repeatable, each also a comma-separated list; `--output-dir`; `--algo`
 repeatable; `--set KEY=VALUE`; `--data-dir`, `--device`, `--threads`, `--quiet`, `--tracking-uri`, the
-executor options). Old spellings (`bench paper --seeds 0,1`, `--out`) still work, hidden."""
+executor options: bench/cli_options.py). Old spellings (`bench paper --seeds 0,1`, `--out`) still work, hidden.
+
+SIGTERM stops a command as Ctrl-C does (exit code 143; 130 for Ctrl-C): a run keeps its checkpoint, marks its
+MLflow runs KILLED and says how to continue it."""
 from __future__ import annotations
 
-import subprocess
+import signal
 import sys
 import warnings
-from functools import partial
 from pathlib import Path
 
 import click
 
 import bench.callbacks.mlflow_client  # noqa: F401  (MLflow's environment, before mlflow loads: no telemetry)
-from bench.config import setup_fields
-from bench.errors import UserError
+from bench.cli_options import (ALGO, DATA_DIR, DEVICE, QUIET, RESUME_HELP, SEED, SET, THREADS,  # noqa: F401
+                               TRACKING_URI, Seeds, executor_options, output_dir_option, seed_list)
+from bench.errors import Terminated, UserError, interrupted_root
 from bench.executors import executor_from_cli
 
 DEBUG = False
 _default_showwarning = warnings.showwarning
-
-
-class Seeds(click.ParamType):
-    """A seed, or several separated by commas or spaces: 0 / 0,1,2."""
-
-    name = "SEED"
-
-    def convert(self, value, param, ctx) -> list[int]:
-        if isinstance(value, list):
-            return value
-        parts = [p for p in str(value).replace(" ", ",").split(",") if p]
-        if not parts or not all(p.lstrip("-").isdigit() for p in parts):
-            self.fail(f"{value!r}: expected integers, e.g. --seed 0 --seed 1 or --seed 0,1,2", param, ctx)
-        return [int(p) for p in parts]
-
-
-def seed_list(*values: tuple[list[int], ...]) -> list[int]:
-    """The seeds of repeated --seed options (and their hidden alias), in order."""
-    return [seed for option in values for seeds in option for seed in seeds]
-
-
-# ---- the shared options ---------------------------------------------------------------------------------
-ALGO = click.option("--algo", "algorithms", multiple=True, help="Algorithm to run (repeatable); see `bench list`.")
-SEED = click.option("--seed", "seeds", type=Seeds(), multiple=True,
-                    help="Seed (repeatable, or a comma-separated list: --seed 0,1,2); one run per seed.")
-SET = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-                   help="Override any config key, e.g. pfedlora.rank=32.")
-DATA_DIR = click.option("--data-dir", envvar="BENCH_DATA_DIR", help="Dataset cache directory [env: BENCH_DATA_DIR].")
-DEVICE = click.option("--device", help="auto, cpu or cuda.")
-THREADS = click.option("--threads", type=int,
-                       help="torch CPU threads per run [default: torch's; on Ray: --cpus-per-run]; 1 is much "
-                            "faster on a busy machine.")
-QUIET = click.option("--quiet", is_flag=True, help="No progress lines.")
-TRACKING_URI = partial(click.option, "--tracking-uri")  # its help differs per command: TRACKING_URI(help=...)
-
-
-def output_dir_option(help: str, legacy_out: bool = False, **kwargs):
-    """--output-dir (and the hidden old spelling --out, where a command had it)."""
-    def decorate(command):
-        command = click.option("--output-dir", "output_dir", type=click.Path(file_okay=False, path_type=Path),
-                               help=help, **kwargs)(command)
-        if legacy_out:
-            command = click.option("--out", "out_alias", type=click.Path(file_okay=False, path_type=Path),
-                                   hidden=True)(command)
-        return command
-    return decorate
-
-
-def executor_options(command):
-    """--executor and the Ray options, shared by `bench run`, `bench resume` and `bench paper`."""
-    options = [
-        click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-                     help="local: runs one after the other here; ray: each (algorithm, seed, setting) run is a "
-                          "Ray task, in parallel."),
-        click.option("--cpus-per-run", type=float, default=1.0, show_default=True,
-                     help="Ray: CPUs each run requests (also its torch threads)."),
-        click.option("--gpus-per-run", type=float,
-                     help="Ray: GPUs each run requests, fractions allowed [default: 1 if the cluster has GPUs "
-                          "and --device is not cpu, else 0]."),
-        click.option("--ray-address", envvar="RAY_ADDRESS",
-                     help="Ray: cluster to join, e.g. auto (on a node of a running cluster) or HEAD_IP:6379 "
-                          "[env: RAY_ADDRESS; default: a new local Ray instance]."),
-        click.option("--max-retries", type=int, default=1, show_default=True,
-                     help="Ray: retries of a run whose worker died (continuing from its checkpoint)."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
-
-
-RESUME_HELP = ("Continue the results folder --run-name from its checkpoints (finished runs are kept); settings "
-               "that do not change results may differ: " + ", ".join(setup_fields()) + ".")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -256,6 +187,7 @@ def export(config_file, sets, seed, fmt, out, **options) -> None:
     """Write the partition a run with these settings uses (data/portable.py describes both formats)."""
     import torch
 
+    from bench.checks import check_writable
     from bench.config import load_config, resolve_dataset_defaults
     from bench.plan import client_splits
     from data import portable
@@ -270,6 +202,7 @@ def export(config_file, sets, seed, fmt, out, **options) -> None:
     elif Path(out).is_dir():
         raise UserError(f"--out {out} is a folder; the json format writes a file, "
                         f"e.g. --out {Path(out) / 'partition.json'}")
+    check_writable(Path(out) if fmt == "pfllib" else Path(out).absolute().parent, f"--out {out}")
     dataset = load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None, seed=seed)
     cfg = resolve_dataset_defaults(cfg, dataset.num_classes)
     splits = client_splits(cfg, dataset, seed, torch.device("cpu"))
@@ -307,17 +240,22 @@ def list_components() -> None:
 @cli.command()
 @output_dir_option("Results root holding mlflow.db.", default=Path("results"), show_default=True)
 @TRACKING_URI(help="Store to show (default: the sqlite store in the output dir).")
-@click.option("--port", default=5000, show_default=True, type=int)
+@click.option("--port", default=5000, show_default=True, type=click.IntRange(1, 65535))
 def ui(output_dir: Path, tracking_uri: str | None, port: int) -> None:
-    """Start the MLflow UI on 127.0.0.1 for the results store."""
+    """Start the MLflow UI on 127.0.0.1 for the results store (one worker, no job runner); Ctrl-C or SIGTERM
+    stops it and everything it started."""
     from bench.store import MLFLOW_DB, default_tracking_uri
+    from bench.ui import HOST, serve
 
     uri = tracking_uri or default_tracking_uri(output_dir)
     if tracking_uri is None and not (output_dir / MLFLOW_DB).exists():
         raise UserError(f"no MLflow store at {output_dir / MLFLOW_DB}; run `bench run` first or pass --output-dir")
-    click.echo(f"MLflow UI for {uri} at http://127.0.0.1:{port}  (Ctrl-C to stop)")
-    subprocess.run([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                    "--host", "127.0.0.1", "--port", str(port)], check=False)
+    click.echo(f"MLflow UI for {uri} at http://{HOST}:{port}  (Ctrl-C to stop)")
+    code = serve(uri, port)
+    if code:
+        click.echo(f"error: the MLflow server exited with code {code} (its output is above)", err=True)
+        sys.exit(1)
+    click.echo("MLflow UI stopped")
 
 
 def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -328,13 +266,30 @@ def show_warning(message, category, filename, lineno, file=None, line=None) -> N
         _default_showwarning(message, category, filename, lineno, file, line)
 
 
+def on_sigterm(signum, frame) -> None:
+    """SIGTERM stops a run as Ctrl-C does (bench.errors.Terminated is a KeyboardInterrupt). Further SIGTERMs
+    are ignored, so that they do not cut the clean-up short (checkpoint kept, MLflow runs marked KILLED)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated()
+
+
+def interrupted(err: click.exceptions.Abort) -> int:
+    """Say what an interrupt stopped and how to continue it; the exit code, 128 + the signal's number."""
+    cause = err.__cause__
+    name, code = ("SIGTERM", 143) if isinstance(cause, Terminated) else ("SIGINT", 130)
+    root = interrupted_root(cause)
+    more = f"; the finished rounds are kept in {root}: continue with `bench resume {root}`" if root else ""
+    click.echo(f"aborted ({name}){more}", err=True)
+    return code
+
+
 def main() -> None:
     warnings.showwarning = show_warning
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
+    except click.exceptions.Abort as err:
+        sys.exit(interrupted(err))
     except click.ClickException as err:  # usage errors: one line, exit 2
         click.echo(f"error: {err.format_message()}", err=True)
         sys.exit(2)
@@ -343,6 +298,8 @@ def main() -> None:
             raise
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # an in-process caller (the tests) gets its own handler back
 
 
 if __name__ == "__main__":

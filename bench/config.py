@@ -84,6 +84,12 @@ class RunConfig:
         (0.1 x 30 is 3.0000000000000004 in floating point, and means 3)."""
         return max(1, math.ceil(round(self.participation * self.num_clients, 9)))
 
+    @property
+    def participation_is_exact(self) -> bool:
+        """C x N is an integer, so exactly the fraction C of the clients takes part each round."""
+        product = self.participation * self.num_clients
+        return abs(product - round(product)) <= 1e-9 and round(product) >= 1
+
 
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": {},
@@ -107,8 +113,23 @@ TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false",
 
 
 def closest(name: str, valid: list[str]) -> str:
+    """' (did you mean X?)' for a near spelling, or a valid name holding `name` as a word (alpha ->
+    dirichlet_alpha, clients -> num_clients); '' when nothing is close."""
     match = difflib.get_close_matches(name, valid, n=1)
+    if not match:
+        word = name.strip().lower().replace("-", "_")
+        match = [v for v in valid if word and word in v.lower().replace("-", "_").split("_")]
     return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def unknown_key(key: str, source: str) -> UserError:
+    """An unknown config key: the closest valid one, and every valid key."""
+    from bench.registry import algorithms
+
+    names = list(algorithms())
+    return UserError(f"{source}: unknown key {key!r}{closest(key, sorted(FIELDS) + names)}; valid keys: "
+                     f"{', '.join(sorted(FIELDS))}, or an algorithm table ({', '.join(names)}) for its "
+                     "hyper-parameters")
 
 
 def parse_value(text: str) -> Any:
@@ -123,23 +144,35 @@ def apply_overrides(cfg: RunConfig, values: dict[str, Any], source: str) -> None
     from bench.registry import canonical_algorithm_name, is_algorithm
 
     for key, value in values.items():
-        if isinstance(value, dict) and key not in FIELDS:
-            if not is_algorithm(key):
-                from bench.registry import algorithms
-
-                raise UserError(f"{source}: unknown key {key!r}{closest(key, sorted(FIELDS) + list(algorithms()))}; "
-                                f"valid keys are the RunConfig fields or an algorithm table")
+        if not isinstance(key, str) or not key.strip():
+            raise UserError(f"{source}: empty key; expected key=value, e.g. rounds=5 or pfedlora.rank=32")
+        if key == "algo":
+            apply_algorithm_tables(cfg, value, source)
+            continue
+        if key not in FIELDS and "." not in key and is_algorithm(key):
+            if not isinstance(value, dict):
+                raise UserError(f"{source}: {key} is an algorithm; set its hyper-parameters as {key}.NAME=VALUE "
+                                f"(e.g. --set {key}.rank=8) or in a [{key}] table, got {value!r}")
             cfg.algo.setdefault(canonical_algorithm_name(key), {}).update(value)
             continue
         if "." in key:
             algo_name, _, hp = key.partition(".")
+            if not is_algorithm(algo_name):
+                raise unknown_key(algo_name, source)
             apply_overrides(cfg, {algo_name: {hp: value}}, source)
             continue
         if key not in FIELDS:
-            raise UserError(f"{source}: unknown key {key!r}{closest(key, sorted(FIELDS))}; "
-                            f"valid keys are the RunConfig fields or an algorithm table")
+            raise unknown_key(key, source)
         setattr(cfg, key, coerce(key, value, source))
 
+
+def apply_algorithm_tables(cfg: RunConfig, tables: Any, source: str) -> None:
+    """`algo = {pfedlora = {rank = 8}}`: each entry an algorithm's table of hyper-parameters."""
+    if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
+        raise UserError(f"{source}: algo must be a table of algorithm tables, e.g. --set pfedlora.rank=8 or a "
+                        f"[pfedlora] table, got {tables!r}")
+    for name, table in tables.items():
+        apply_overrides(cfg, {name: table}, source)
 
 def coerce(key: str, value: Any, source: str) -> Any:
     """Check a value against the field's declared type; ints are accepted for floats."""
@@ -177,6 +210,9 @@ def load_config(config_file: str | Path | None = None, preset: str = "quick",
             raise UserError(f"config file {path} does not exist") from None
         except tomllib.TOMLDecodeError as err:
             raise UserError(f"config file {path} is not valid TOML: {err}") from None
+        except (OSError, UnicodeDecodeError) as err:  # a folder, unreadable, a path too long, not text
+            raise UserError(f"config file {path} cannot be read ({getattr(err, 'strerror', None) or err}); "
+                            "valid: a readable TOML file") from None
         apply_overrides(cfg, data, str(path))
     apply_overrides(cfg, {k: v for k, v in (options or {}).items() if v is not None}, "option")
     for item in sets:
@@ -244,59 +280,7 @@ def from_results(stored: dict[str, Any]) -> RunConfig:
 
 
 def validate(cfg: RunConfig) -> None:
-    """Reject values outside their valid range, each with a one-line message."""
-    from bench.registry import resolve_algorithms
-    from data.partition import FILE_PREFIX, PARTITIONERS, is_file_partition
-    from models.groups import MODEL_GROUPS
+    """Reject values outside their valid range, one line each, before any data is loaded (bench/checks.py)."""
+    from bench.checks import validate_config
 
-    for key in ("num_clients", "rounds", "local_epochs", "batch_size", "eval_every", "eval_batch_size",
-                "classes_per_client"):
-        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
-            raise UserError(f"{key} must be a positive integer, got {getattr(cfg, key)}")
-    if not 0 < cfg.participation <= 1:
-        raise UserError(f"participation must be in (0, 1], got {cfg.participation}")
-    if not 0 < cfg.val_fraction < 1:
-        raise UserError(f"val_fraction must be in (0, 1), got {cfg.val_fraction}")
-    for key in ("lr", "dirichlet_alpha"):
-        if getattr(cfg, key) <= 0:
-            raise UserError(f"{key} must be positive, got {getattr(cfg, key)}")
-    for key in ("momentum", "weight_decay", "grad_clip"):
-        if getattr(cfg, key) < 0:
-            raise UserError(f"{key} must be >= 0, got {getattr(cfg, key)}")
-    if cfg.target_accuracy is not None and not 0 < cfg.target_accuracy <= 1:
-        raise UserError(f"target_accuracy must be in (0, 1], got {cfg.target_accuracy}")
-    if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
-        raise UserError(f"unknown device {cfg.device!r}; valid: auto, cpu, cuda")
-    if is_file_partition(cfg.partition):
-        from data.portable import read_json
-
-        # Absolute, so the config names the same file from any directory (resume, Ray workers); the file is
-        # checked now, before any data is loaded.
-        path = Path(cfg.partition[len(FILE_PREFIX):]).expanduser().resolve()
-        cfg.partition = f"{FILE_PREFIX}{path}"
-        read_json(path, cfg.num_clients)
-    elif cfg.partition not in PARTITIONERS:
-        raise UserError(f"unknown partitioner {cfg.partition!r}; valid: {', '.join(PARTITIONERS)}")
-    if cfg.model_group not in MODEL_GROUPS:
-        raise UserError(f"unknown model group {cfg.model_group!r}; valid: {', '.join(MODEL_GROUPS)}")
-    if not cfg.seeds:
-        raise UserError("seeds must hold at least one seed")
-    if any(seed < 0 for seed in cfg.seeds):
-        raise UserError(f"seeds must be non-negative integers, got {cfg.seeds}")
-    if len(set(cfg.seeds)) != len(cfg.seeds):
-        raise UserError(f"seeds must be distinct, got {cfg.seeds}")
-    if cfg.threads is not None and cfg.threads < 1:
-        raise UserError(f"threads must be a positive integer, got {cfg.threads}")
-    if cfg.checkpoint_every < 0:
-        raise UserError(f"checkpoint_every must be a non-negative integer (0 = no checkpoints), "
-                        f"got {cfg.checkpoint_every}")
-    if not cfg.algorithms:
-        raise UserError("no algorithm given; use --algo NAME (see `bench list`)")
-    cfg.algorithms = [cls.name for cls in resolve_algorithms(cfg.algorithms)]
-    if len(set(cfg.algorithms)) != len(cfg.algorithms):
-        raise UserError(f"each algorithm may be given once, got {cfg.algorithms}")
-    from algorithms.base import PROFILES
-
-    if cfg.profile not in PROFILES:
-        raise UserError(f"unknown profile {cfg.profile!r}; valid: {', '.join(PROFILES)}")
-    # The hyper-parameters (cfg.algo) are built and checked once, by the run plan (bench/plan.py).
+    validate_config(cfg)

@@ -26,6 +26,7 @@ from data.device_data import DeviceData
 from data.partition import FILE_PREFIX, ClientSplit, is_file_partition, partition
 from data.portable import file_splits
 from data.sources import load_dataset
+from models.groups import check_image_size
 
 NEEDS_RUN_NAME = "--resume needs --run-name NAME (the run to continue), or use `bench resume RESULTS_DIR`"
 
@@ -80,6 +81,10 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name} requested but no CUDA GPU is available here; valid: auto, cpu")
+    count = torch.cuda.device_count() if name.startswith("cuda:") else 0
+    if name.startswith("cuda:") and int(name.partition(":")[2]) >= count:
+        raise UserError(f"--device {name}: there is no such GPU here; valid: auto, cpu, cuda, "
+                        + ", ".join(f"cuda:{i}" for i in range(count)))
     return torch.device(name)
 
 
@@ -100,11 +105,25 @@ def client_splits(cfg: RunConfig, dataset, seed: int, device: torch.device) -> l
     return [ClientSplit(s.train.to(device), s.val.to(device), s.test.to(device)) for s in splits]
 
 
-def load_inputs(cfg: RunConfig, device: torch.device) -> Inputs:
-    """The dataset, its device data and every seed's client splits (the data may depend on the first seed)."""
+def load_inputs(cfg: RunConfig, device: torch.device, runs: list[RunSpec] = ()) -> Inputs:
+    """The dataset, its device data and every seed's client splits (the data may depend on the first seed).
+    Images that a model of the run cannot take are refused here, before any model is built or trained."""
     dataset = load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None, seed=cfg.seeds[0])
+    _, height, width = dataset.image_shape
+    check_image_size(cfg.model_group, height, width, extra_architectures(runs))
     data = DeviceData(dataset, device, augment=cfg.augment)
     return Inputs(dataset, data, {seed: client_splits(cfg, dataset, seed, device) for seed in cfg.seeds})
+
+
+def extra_architectures(runs: list[RunSpec]) -> dict[str, str]:
+    """Architectures the algorithms build besides the clients' (hyper-parameters named *_arch, such as FedKD's
+    mentee): arch -> the option naming it."""
+    out: dict[str, str] = {}
+    for spec in runs:
+        for name, value in vars(spec.hparams).items():
+            if name.endswith("_arch") and isinstance(value, str):
+                out.setdefault(value, f"{spec.name}.{name}")
+    return out
 
 
 def check_algorithms(cfg: RunConfig, runs: list[RunSpec], inputs: Inputs, device: torch.device) -> None:

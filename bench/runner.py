@@ -8,7 +8,8 @@
 
 Each round goes to the callbacks in their documented order (bench/callbacks/__init__.py: `ordered`): the
 results folder, then (every `checkpoint_every` rounds) the run's checkpoint, then MLflow, then the progress
-line. One failing run does not stop the others. A resumed invocation (`--resume`, `bench resume`) keeps the
+line. One failing run does not stop the others. An interrupt (Ctrl-C, SIGTERM) stops the invocation: the
+current run and the invocation end KILLED. A resumed invocation (`--resume`, `bench resume`) keeps the
 finished runs and continues the others from their checkpoints, bit-identically on the CPU."""
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ from bench.callbacks.progress import ProgressCallback
 from bench.callbacks.results import ResultsFolderCallback
 from bench.checkpoint import CheckpointError
 from bench.config import RunConfig, resolve_dataset_defaults
-from bench.errors import UserError
+from bench.checks import check_output_dir
+from bench.errors import Terminated, UserError
 from bench.executors import Executor, ExecutorOptions, make_executor
 from bench.plan import (NEEDS_RUN_NAME, Inputs, RunSpec, check_algorithms, client_splits,  # noqa: F401
                         estimate_seconds, load_inputs, plan_runs, resolve_device, results_root, with_checkpoints)
@@ -83,7 +85,8 @@ class RunEnv:
 def execute_run(spec: RunSpec, env: RunEnv, callbacks: Callback) -> tuple[dict[str, Any], str]:
     """One (algorithm, seed) run through the round loop, every round sent to `callbacks`. Returns (summary,
     status); an exception inside the run (or a non-finite training loss, detected in the round it appears)
-    marks it FAILED instead of propagating; a UserError ends the run FAILED and propagates."""
+    marks it FAILED instead of propagating; a UserError ends the run FAILED and propagates; an interrupt
+    (Ctrl-C, SIGTERM) ends it KILLED, its checkpoint kept, and propagates."""
     cfg, run = env.cfg, env.run_info(spec)
     saved = env.saved(spec)
     unrestorable = None
@@ -113,6 +116,9 @@ def execute_run(spec: RunSpec, env: RunEnv, callbacks: Callback) -> tuple[dict[s
     except UserError as err:
         run.error = err
         callbacks.on_run_end(run, failed_summary(run, cfg, str(err)), [], "FAILED")
+        raise
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: the run is KILLED (its checkpoint kept), then we stop
+        callbacks.on_run_end(run, failed_summary(run, cfg, f"interrupted ({interrupt_name(err)})"), [], "KILLED")
         raise
     except Exception as err:  # isolate the failure: the other algorithms still run
         run.error = err
@@ -182,7 +188,8 @@ class Invocation:
     def header(self) -> str:
         cfg = self.cfg
         return (f"bench: {', '.join(dict.fromkeys(r.name for r in self.runs))} on {self.dataset_name} "
-                f"({cfg.num_clients} clients, C={cfg.participation}, {cfg.rounds} rounds, E={cfg.local_epochs}, "
+                f"({cfg.num_clients} clients, C={cfg.participation}: {cfg.clients_per_round} per round, "
+                f"{cfg.rounds} rounds, E={cfg.local_epochs}, "
                 f"seeds {cfg.seeds}) on {self.env.config['device_resolved']}; results in {self.root}"
                 + ("  [resumed]" if self.resuming else ""))
 
@@ -213,9 +220,10 @@ class Invocation:
         return RunTask(worker_config(self.cfg), dataclasses.replace(spec, checkpoint=checkpoint), self.env.config)
 
     def estimate(self) -> dict[str, float]:
-        """The up-front time estimate of every algorithm (estimate_seconds), with this process's threads."""
-        inputs = self.env.inputs
-        return estimate_seconds(self.cfg, inputs.data, inputs.splits[self.pending[0].seed], self.env.device, self.runs)
+        """The up-front time estimate of every algorithm (estimate_seconds) over the runs still to run (a resumed
+        folder's finished runs cost nothing), with this process's threads."""
+        inputs, pending = self.env.inputs, self.pending
+        return estimate_seconds(self.cfg, inputs.data, inputs.splits[pending[0].seed], self.env.device, pending)
 
     def drop_inputs(self) -> None:
         """Free the data where the runs load their own (Ray workers)."""
@@ -226,10 +234,11 @@ class Invocation:
         if status != "FINISHED":
             self.outcome.failed[key] = summary.get("error", status)
 
-    def abort(self) -> None:
-        """Interrupted (a UserError inside a run, Ctrl-C): end the callbacks; the caller re-raises."""
+    def abort(self, status: str = "FAILED") -> None:
+        """Stopped early: a UserError inside a run (FAILED) or an interrupt, Ctrl-C or SIGTERM (KILLED). End the
+        callbacks with that status; the caller re-raises."""
         if self.callbacks is not None:
-            self.callbacks.on_invocation_end([self.store.summary_table_path], "FAILED")
+            self.callbacks.on_invocation_end([self.store.summary_table_path], status)
 
     def close(self, progress: Progress) -> InvocationResult:
         status = "FAILED" if self.outcome.failed else "FINISHED"
@@ -252,6 +261,20 @@ class Invocation:
         self.store.release()
 
 
+def warn_inexact_participation(cfg: RunConfig) -> None:
+    """One line when C x N is not a whole number of clients: the run samples ceil(C x N) (the documented rule)."""
+    if not cfg.participation_is_exact:
+        k = cfg.clients_per_round
+        warnings.warn(f"participation C={cfg.participation:g} of {cfg.num_clients} clients is "
+                      f"{cfg.participation * cfg.num_clients:.4g} clients; each round samples ceil(C x N) = {k} "
+                      f"(C = {k / cfg.num_clients:.4g} in effect)", stacklevel=2)
+
+
+def interrupt_name(err: BaseException) -> str:
+    """SIGTERM for a termination (bench.errors.Terminated), else SIGINT (Ctrl-C)."""
+    return "SIGTERM" if isinstance(err, Terminated) else "SIGINT"
+
+
 def worker_config(cfg: RunConfig) -> RunConfig:
     """The config a worker receives: relative paths made absolute (a worker's working directory may differ)."""
     def absolute(path: str | None) -> str | None:
@@ -262,14 +285,17 @@ def worker_config(cfg: RunConfig) -> RunConfig:
 
 def open_invocation(cfg: RunConfig, *, use_mlflow: bool = True, resume: bool = False,
                     remote: bool = False) -> Invocation:
-    """Plan `cfg` (bad input is refused before anything is written), take its results folder and find the
-    runs a resumed folder already finished. The caller must `release()` it. `remote`: the runs execute on Ray
+    """Plan `cfg` (bad input is refused before anything is written: the output dir is checked before the data
+    loads, the folder created after the last check), take its results folder and find the runs a resumed folder
+    already finished. The caller must `release()` it. `remote`: the runs execute on Ray
     workers, which pick their own device; the checks run on this CPU."""
     device = torch.device("cpu") if remote else resolve_device(cfg.device)
     runs = plan_runs(cfg)
     if resume and cfg.run_name is None:
         raise UserError(NEEDS_RUN_NAME)
-    inputs = load_inputs(cfg, device)
+    check_output_dir(cfg.output_dir, cfg.run_name)
+    warn_inexact_participation(cfg)
+    inputs = load_inputs(cfg, device, runs)
     cfg = resolve_dataset_defaults(cfg, inputs.dataset.num_classes)  # what the folder records and every run uses
     check_algorithms(cfg, runs, inputs, device)
     hashes = {str(seed): partition_sha256(splits) for seed, splits in inputs.splits.items()}
@@ -277,9 +303,9 @@ def open_invocation(cfg: RunConfig, *, use_mlflow: bool = True, resume: bool = F
     store = ResultsStore(root)
     store.acquire()
     runs = with_checkpoints(runs, store, cfg)
-    config = {**cfg.to_dict(), "run_name": root.name, "device_resolved": f"ray worker ({cfg.device})" if remote
-              else str(device), "target_acc": cfg.target_accuracy, "partition_hashes": hashes,
-              "torch": torch.__version__}
+    config = {**cfg.to_dict(), "clients_per_round": cfg.clients_per_round, "run_name": root.name,
+              "device_resolved": f"ray worker ({cfg.device})" if remote else str(device),
+              "target_acc": cfg.target_accuracy, "partition_hashes": hashes, "torch": torch.__version__}
     kept = {}
     for spec in runs if resuming else []:
         finished = store.finished_summary(spec.key)

@@ -51,7 +51,7 @@ def read_json(path: Path) -> dict[str, Any]:
     """The JSON object in `path`; {} when the file is missing or unreadable."""
     try:
         data = json.loads(Path(path).read_text())
-    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+    except (OSError, ValueError):  # missing, a folder, unreadable, not UTF-8, not JSON
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -181,10 +181,17 @@ class ResultsStore:
         """The config.json of a results folder a user named (`bench resume`, `bench sync`); a clear error if
         the folder is not one."""
         config = self.config()
-        if not config:
-            raise UserError(f"{self.root} is not a bench results folder (no config.json); give the folder that "
-                            "`bench run` printed, e.g. results/<run-name>")
-        return config
+        if config:
+            return config
+        path = self.root / CONFIG
+        if self.root.exists() and not self.root.is_dir():
+            raise UserError(f"{self.root} is a file, not a bench results folder; give the folder that `bench run` "
+                            "printed, e.g. results/<run-name>")
+        if path.is_file():
+            raise UserError(f"{path} is unreadable (not a JSON object: a damaged or foreign file); restore it "
+                            "from a copy, or give another results folder")
+        raise UserError(f"{self.root} is not a bench results folder (no config.json); give the folder that "
+                        "`bench run` printed, e.g. results/<run-name>")
 
     def write_config(self, config: dict[str, Any]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,11 @@
 """Mutation check: do the tests see each algorithm's mechanisms?
 
 Each mutation (benchmarks/mutants/<algo>.py, a list MUTATIONS of `Mutation`) replaces one exact snippet
-of algorithms/ or models/ (it must occur exactly once) in a temporary copy of the repository, then runs
-that algorithm's tests on the copy. A mutation is *killed* when a test fails, *survived* when all pass.
-Target: every mutation killed. A mutation found to preserve behaviour is removed from its list with a
-one-line reason (in the list's comments), never kept as a survivor.
+of algorithms/, models/ or the simulator's training and evaluation code in bench/ (it must occur exactly
+once) in a temporary copy of the repository, then runs that algorithm's tests on the copy. A mutation is
+*killed* when a test fails, *survived* when all pass. Target: every mutation killed. A mutation found to
+preserve behaviour is removed from its list with a one-line reason (in the list's comments), never kept as
+a survivor.
 
     .venv/bin/python -m benchmarks.mutation_check                 # all (about 15-30 min on 2 cores)
     .venv/bin/python -m benchmarks.mutation_check --algo fedkd    # one algorithm's mutations
@@ -88,7 +89,8 @@ def write_report(results: list[dict], out: Path) -> str:
     survived = [r for r in results if r["outcome"] == "survived"]
     errors = [r for r in results if r["outcome"] == "error"]
     lines = ["# Mutation check", "",
-             f"{len(results)} mutations of algorithms/, models/ and the evaluation in bench/simulator.py, each applied alone to a copy of the repository "
+             f"{len(results)} mutations of algorithms/, models/, the shared training path (algorithms/base.py's Phase, "
+             f"bench/training.py) and the evaluation (bench/context.py, bench/simulator.py), each applied alone to a copy of the repository "
              f"and tested with its algorithm's tests (`python -m benchmarks.mutation_check`).", "",
              f"Killed: {killed}/{len(results)}; survived: {len(survived)} "
              f"(survival rate {len(survived) / max(len(results), 1):.1%}); errors: {len(errors)}.", "",

@@ -3,6 +3,7 @@ from data.device_data import DeviceData
 from data.partition import PARTITIONERS, ClientSplit, partition
 from data.sources import (
     DATASETS,
+    SPLITS,
     ArrayDataset,
     default_data_dir,
     load_dataset,
@@ -13,6 +14,7 @@ from data.sources import (
 __all__ = [
     "DATASETS",
     "PARTITIONERS",
+    "SPLITS",
     "ArrayDataset",
     "ClientSplit",
     "DeviceData",

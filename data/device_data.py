@@ -25,6 +25,7 @@ class DeviceData:
         self.augment = augment
         self.num_classes = ds.num_classes
         self.classes = list(ds.classes)
+        self.split = ds.split  # which train/test split the arrays are (data/sources.py SPLITS)
         to_nchw = lambda x: torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(self.device)  # noqa: E731
         self.x_train, self.x_test = to_nchw(ds.x_train), to_nchw(ds.x_test)
         self.y_train = torch.from_numpy(ds.y_train).to(self.device, torch.int64)

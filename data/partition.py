@@ -25,6 +25,14 @@ PARTITIONERS: dict[str, str] = {
                       "(or converted from another tool); the same for every seed",
 }
 FILE_PREFIX = "file:"
+# What to change when a partitioner leaves a client without training data (too many clients for the samples).
+EMPTY_CLIENT_ADVICE = {
+    "label-skew": "use fewer clients, more classes per client (--classes-per-client), or another partitioner "
+                  "(--partition iid or dirichlet)",
+    "dirichlet": "use fewer clients, a larger dirichlet_alpha (less skew, e.g. --set dirichlet_alpha=1.0), another "
+                 "seed, or --partition iid",
+    "iid": "use fewer clients or a larger dataset",
+}
 
 
 def is_file_partition(scheme: str) -> bool:
@@ -63,9 +71,12 @@ def partition(
     if min(y_train.min(initial=0), y_test.min(initial=0)) < 0 or top >= k:
         raise UserError(f"labels must be in [0, {k}); found labels outside it")
 
+    n_val = int(round(val_fraction * len(y_train)))
+    if num_clients > len(y_train) - n_val:  # before any (classes x clients) matrix is allocated
+        raise UserError(f"num_clients={num_clients} exceeds the {len(y_train) - n_val} training samples left after "
+                        f"the validation hold-out; valid: 1..{len(y_train) - n_val} clients (each needs a sample)")
     rng = np.random.default_rng(seed)
     shuffled = rng.permutation(len(y_train))
-    n_val = int(round(val_fraction * len(y_train)))
     val_pool, train_pool = shuffled[:n_val], shuffled[n_val:]
 
     if scheme == "label-skew":
@@ -80,10 +91,8 @@ def partition(
     test = _cut(np.arange(len(y_test)), y_test, p, rng)
     empty = [c for c, idx in enumerate(train) if len(idx) == 0]
     if empty:
-        raise UserError(
-            f"partition leaves client {empty[0]} without training data ({len(empty)} such clients); "
-            "use fewer clients, a larger alpha, or another seed"
-        )
+        raise UserError(f"partition leaves client {empty[0]} without training data ({len(empty)} such clients); "
+                        f"{EMPTY_CLIENT_ADVICE[scheme]}")
     as_tensor = torch.from_numpy
     return [ClientSplit(as_tensor(t), as_tensor(v), as_tensor(s)) for t, v, s in zip(train, val, test)]
 

@@ -3,7 +3,7 @@
 JSON (`bench partition export --format json`; a run reads it with `--partition file:PATH.json`):
 
     {"format": "mhpfl-bench-partition", "version": 1, "sha256": "...", "num_clients": N,
-     "dataset": {"name", "num_classes", "train_size", "test_size", "labels_sha256"},
+     "dataset": {"name", "num_classes", "train_size", "test_size", "labels_sha256", "split"},
      "settings": {the settings that made it: partition, classes_per_client, seed, ...},
      "clients": [{"train": [...], "val": [...], "test": [...]}, ...]}
 
@@ -69,8 +69,10 @@ def labels_sha256(y_train: np.ndarray, y_test: np.ndarray) -> str:
 
 
 def dataset_info(dataset: ArrayDataset) -> dict[str, Any]:
+    """What a partition was made for; `split` (data/sources.py SPLITS) says which train/test split it indexes."""
     return {"name": dataset.name, "num_classes": dataset.num_classes, "train_size": len(dataset.y_train),
-            "test_size": len(dataset.y_test), "labels_sha256": labels_sha256(dataset.y_train, dataset.y_test)}
+            "test_size": len(dataset.y_test), "labels_sha256": labels_sha256(dataset.y_train, dataset.y_test),
+            "split": dataset.split}
 
 
 # ---- our JSON format ------------------------------------------------------------------------------------------
@@ -147,9 +149,11 @@ def file_splits(path: Path, dataset: ArrayDataset, num_clients: int) -> list[Cli
     where = f"partition file {part.path}"
     made_for = part.dataset.get("labels_sha256")
     if made_for is not None and made_for != labels_sha256(dataset.y_train, dataset.y_test):
+        split = (f", {part.dataset['split']} split" if part.dataset.get("split") else "")
         raise UserError(f"{where} was made for other data (dataset {part.dataset.get('name')!r} with "
-                        f"{part.dataset.get('train_size')} train / {part.dataset.get('test_size')} test labels), "
-                        f"not {dataset.name} ({len(dataset.y_train)} / {len(dataset.y_test)}): its labels differ")
+                        f"{part.dataset.get('train_size')} train / {part.dataset.get('test_size')} test labels{split}), "
+                        f"not {dataset.name} ({len(dataset.y_train)} / {len(dataset.y_test)}, {dataset.split} split): "
+                        "its labels differ")
     sizes = {"train": len(dataset.y_train), "val": len(dataset.y_train), "test": len(dataset.y_test)}
     arrays = {"train": "training", "val": "training", "test": "test"}
     for cid, c in enumerate(part.clients):

@@ -5,6 +5,7 @@ int64 labels, class names and the per-channel normalisation statistics.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import zipfile
 from dataclasses import dataclass
@@ -16,7 +17,8 @@ from bench.errors import UserError
 
 DATASETS: dict[str, str] = {
     "cifar10": "CIFAR-10, 32x32 RGB, 10 classes (50k train / 10k test); <data-dir>/cifar10.npz or torchvision",
-    "cifar100": "CIFAR-100, 32x32 RGB, 100 classes (50k train / 10k test); <data-dir>/cifar100.npz or torchvision",
+    "cifar100": "CIFAR-100, 32x32 RGB, 100 classes (50k train / 10k test); <data-dir>/cifar100.npz (the shared "
+                "copy: a seeded 500/100-per-class re-split) or torchvision (official split)",
     "synthetic": "small learnable 32x32 RGB set (2000 train / 500 test), 10 classes; 'synthetic:K' for K classes",
     "PATH.npz": "any .npz with x_train, y_train, x_test, y_test (uint8 NHWC images, integer labels), classes optional",
 }
@@ -29,6 +31,27 @@ CIFAR_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 CIFAR_CLASSES = {"cifar10": 10, "cifar100": 100}
 VALID_NAMES = "cifar10, cifar100, synthetic, or a path to an .npz file"
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+NPZ_FORMAT = ("an .npz written by numpy.savez with arrays x_train, y_train, x_test, y_test (uint8 images "
+              "N x H x W x C, integer labels 0..K-1) and optionally classes")
+
+# Which train/test split a dataset's arrays are. Every results table and figure says it (config.json records
+# `dataset_split`), because the shared CIFAR-100 copy is not the official split.
+SPLIT_OFFICIAL, SPLIT_RESPLIT, SPLIT_GIVEN, SPLIT_GENERATED, SPLIT_UNKNOWN = (
+    "official", "re-split", "as given", "generated", "unknown")
+SPLITS = {
+    SPLIT_OFFICIAL: "the official train/test split",
+    SPLIT_RESPLIT: "a seeded stratified re-split of the 60,000 images, 500 train / 100 test per class, NOT the "
+                   "official split (../shared/data/cifar100/README.md)",
+    SPLIT_GIVEN: "the file's own x_train / x_test",
+    SPLIT_GENERATED: "generated train and test sets",
+    SPLIT_UNKNOWN: "a <data-dir>/<name>.npz not recognised as the official split or the shared re-split",
+}
+# Fingerprints (labels_fingerprint) of the copies in ../shared/data, as unpack.py writes them: CIFAR-10 in the
+# official order, CIFAR-100 re-split (its source merged the official sets).
+KNOWN_COPIES = {
+    "35a8f6ac4c98434fcc252b5a1c5b8f47c1b53cfb0816e2aeeccf7583e3399512": SPLIT_OFFICIAL,   # cifar10
+    "ef24f9f1e7b4790d317eec90ee4753f71607c98d2882de3acd009ea351385df9": SPLIT_RESPLIT,    # cifar100
+}
 
 
 @dataclass
@@ -41,6 +64,11 @@ class ArrayDataset:
     classes: list[str]
     mean: tuple[float, ...]  # per channel, on the 0-1 scale
     std: tuple[float, ...]
+    split: str = SPLIT_GIVEN  # which train/test split the arrays are (a key of SPLITS)
+
+    @property
+    def split_note(self) -> str:
+        return SPLITS.get(self.split, self.split)
 
     @property
     def num_classes(self) -> int:
@@ -84,10 +112,12 @@ def _load_cifar(name: str, data_dir: Path, download: bool) -> ArrayDataset:
     source = npz if npz.exists() else data_dir
     if npz.exists():
         ds = load_npz(npz, name=name, stats=(mean, std))
+        if ds.split == SPLIT_GIVEN:  # no `split` key: recognise the shared copies, else say we cannot tell
+            ds.split = KNOWN_COPIES.get(labels_fingerprint(ds), SPLIT_UNKNOWN)
     else:
         x_train, y_train, x_test, y_test, classes = _torchvision_cifar(name, data_dir, download)
         validate_arrays(name, x_train, y_train, x_test, y_test, classes)
-        ds = ArrayDataset(name, x_train, y_train, x_test, y_test, classes, mean, std)
+        ds = ArrayDataset(name, x_train, y_train, x_test, y_test, classes, mean, std, SPLIT_OFFICIAL)
     if ds.num_classes != CIFAR_CLASSES[name] or ds.image_shape != (3, 32, 32):
         raise UserError(
             f"{source}: has {ds.num_classes} classes of shape {ds.image_shape}; "
@@ -124,6 +154,7 @@ def load_npz(
     """
     if not path.is_file():
         raise UserError(f"dataset file {path} does not exist; give the path to an existing .npz file")
+    check_npz_container(path)
     try:
         with np.load(path, allow_pickle=False) as npz:
             missing = [k for k in NPZ_KEYS if k not in npz.files]
@@ -134,17 +165,67 @@ def load_npz(
                 )
             x_train, y_train, x_test, y_test = (npz[k] for k in NPZ_KEYS)
             classes = [str(c) for c in npz["classes"].reshape(-1)] if "classes" in npz.files else None
+            split = str(npz["split"]) if "split" in npz.files else SPLIT_GIVEN
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         reason = " ".join(str(e).split())
-        raise UserError(f"{path}: cannot read as a numpy .npz file without pickles ({reason})") from None
+        if "pickle" in reason:  # an object array inside a real .npz: say so, not "use allow_pickle"
+            reason = "it holds Python objects (pickled arrays), which are not read for safety"
+        raise UserError(f"{path}: not a valid .npz dataset ({reason}); expected {NPZ_FORMAT}") from None
     label = name or str(path)
     validate_arrays(label, x_train, y_train, x_test, y_test, classes)
     if classes is None:
-        classes = [str(k) for k in range(int(max(y_train.max(), y_test.max(initial=0))) + 1)]
+        classes = inferred_classes(label, y_train, y_test)
     mean, std = stats or channel_stats(x_train)
     return ArrayDataset(
-        label, x_train, y_train.astype(np.int64), x_test, y_test.astype(np.int64), classes, mean, std
+        label, x_train, y_train.astype(np.int64), x_test, y_test.astype(np.int64), classes, mean, std, split
     )
+
+
+def check_npz_container(path: Path) -> None:
+    """An .npz is a zip archive: anything else (a text file, a single .npy, a pickle) gets one line saying what
+    the file is and what is expected, before numpy reads it (numpy would talk about allow_pickle)."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith(b"PK"):
+        return
+    if head.startswith(b"\x93NUMPY"):
+        kind = "a single .npy array"
+    elif not head:
+        kind = "an empty file"
+    elif all(32 <= b < 127 or b in (9, 10, 13) for b in head):
+        kind = "a text file"
+    else:
+        kind = "not a zip archive"
+    raise UserError(f"{path}: not a valid .npz dataset ({kind}); expected {NPZ_FORMAT}")
+
+
+def inferred_classes(name: str, y_train: np.ndarray, y_test: np.ndarray) -> list[str]:
+    """Class names 0..max label for a file without `classes`; a label with no training image below the
+    maximum (labels 1..10: class 0 empty) is refused, since it would be an empty class."""
+    count = int(max(y_train.max(), y_test.max(initial=0))) + 1
+    empty = sorted(set(range(count)) - set(np.unique(y_train).tolist()))
+    if empty:
+        shown = ("class " if len(empty) == 1 else "classes ") + ", ".join(map(str, empty[:5])) + (
+            ", ..." if len(empty) > 5 else "") + (" has" if len(empty) == 1 else " have")
+        low, high = int(y_train.min()), int(y_train.max())
+        hint = f"; relabel to 0..{high - low} (y - {low})" if low > 0 and empty == list(range(low)) else ""
+        raise UserError(
+            f"{name}: y_train has labels {low}..{high}, so without a classes key there are {count} classes "
+            f"(0..{count - 1}) and {shown} no training image; labels must be 0..K-1 with every "
+            f"class present{hint}, or add a classes key naming every label"
+        )
+    return [str(k) for k in range(count)]
+
+
+def labels_fingerprint(ds: ArrayDataset) -> str:
+    """sha256 of the labels (int64) and the first 64 images of each split: tells the known copies apart
+    (same images in another order, or another split, give another fingerprint) in milliseconds."""
+    h = hashlib.sha256()
+    for y in (ds.y_train, ds.y_test):
+        h.update(np.ascontiguousarray(y.astype("<i8")).tobytes())
+    for x in (ds.x_train, ds.x_test):
+        h.update(np.ascontiguousarray(x[:64]).tobytes())
+    return h.hexdigest()
 
 
 def validate_arrays(name, x_train, y_train, x_test, y_test, classes) -> None:
@@ -214,7 +295,8 @@ def synthetic_dataset(
     x_test, y_test = sample(test_size)
     mean, std = channel_stats(x_train)
     name = "synthetic" if num_classes == 10 else f"synthetic:{num_classes}"
-    return ArrayDataset(name, x_train, y_train, x_test, y_test, [str(k) for k in range(num_classes)], mean, std)
+    return ArrayDataset(name, x_train, y_train, x_test, y_test, [str(k) for k in range(num_classes)], mean, std,
+                        SPLIT_GENERATED)
 
 
 def _upsample(coarse: np.ndarray, size: int) -> np.ndarray:

@@ -4,7 +4,10 @@ Conventions (documented in reports/README.md):
 - accuracy is the sample-weighted mean personalised test accuracy of a round (`acc_mean`), as a fraction;
 - "final" = the last evaluated round, "best" = the maximum over rounds, "val-selected" = the test accuracy
   at the first round of best mean validation accuracy (SPEC section 3);
-- mean +- std over seeds uses the sample standard deviation (ddof=1); one seed gives no std;
+- mean +- std over seeds uses the sample standard deviation (ddof=1); one seed gives no std; confidence
+  intervals are 95% Student-t intervals over seeds (mean +- t(0.975, n-1) * std / sqrt(n)); CSV columns name
+  the spread they hold: `*_seed_std` across seeds, never across clients (metrics.csv's `acc_std`);
+- the paired difference to the best baseline is taken per seed (same seed = same partition), then averaged;
 - computation = cumulative client training FLOPs (`cum_train_flops`); communication = cumulative bytes
   uploaded + downloaded (`cum_bytes_up + cum_bytes_down`);
 - curves over seeds are averaged at the rounds every seed evaluated;
@@ -42,7 +45,22 @@ def run_accuracies(run: Run) -> dict[str, float]:
 
 def mean_std(values: list[float]) -> tuple[float, float]:
     arr = np.asarray(values, dtype=float)
+    if not len(arr):
+        return math.nan, math.nan
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else math.nan
+
+
+def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """(mean, half-width) of the Student-t confidence interval over seeds; half-width NaN below two values."""
+    from scipy.stats import t
+
+    arr = np.asarray([v for v in values if v == v], dtype=float)
+    if not len(arr):
+        return math.nan, math.nan
+    if len(arr) < 2:
+        return float(arr.mean()), math.nan
+    half = float(t.ppf(0.5 + level / 2, len(arr) - 1) * arr.std(ddof=1) / math.sqrt(len(arr)))
+    return float(arr.mean()), half
 
 
 def cost_columns(df: pd.DataFrame) -> pd.DataFrame:
@@ -56,17 +74,17 @@ def cost_columns(df: pd.DataFrame) -> pd.DataFrame:
 
 # ---- curves -------------------------------------------------------------------------------------------------
 def mean_curve(runs: list[Run]) -> pd.DataFrame:
-    """Accuracy and cumulative costs per round, mean (and std of accuracy) over seeds, at the rounds that
-    every seed evaluated. Columns: step, acc, acc_std, cum_train_flops, cum_bytes, seeds."""
+    """Accuracy and cumulative costs per round, mean (and std of accuracy across seeds) over seeds, at the
+    rounds that every seed evaluated. Columns: step, acc, acc_seed_std, cum_train_flops, cum_bytes, seeds."""
     frames = [cost_columns(r.metrics).dropna(subset=["acc"]).set_index("step") for r in runs]
     steps = sorted(set.intersection(*(set(f.index) for f in frames))) if frames else []
     stacked = {col: np.stack([f.loc[steps, col].to_numpy(dtype=float) for f in frames])
                for col in ("acc", "cum_train_flops", "cum_bytes")} if steps else {}
     out = pd.DataFrame({"step": steps})
     if not steps:
-        return out.assign(acc=[], acc_std=[], cum_train_flops=[], cum_bytes=[], seeds=[])
+        return out.assign(acc=[], acc_seed_std=[], cum_train_flops=[], cum_bytes=[], seeds=[])
     out["acc"] = stacked["acc"].mean(0)
-    out["acc_std"] = stacked["acc"].std(0, ddof=1) if len(frames) > 1 else math.nan
+    out["acc_seed_std"] = stacked["acc"].std(0, ddof=1) if len(frames) > 1 else math.nan
     out["cum_train_flops"] = stacked["cum_train_flops"].mean(0)
     out["cum_bytes"] = stacked["cum_bytes"].mean(0)
     out["seeds"] = len(frames)
@@ -82,24 +100,61 @@ def curves(group: Group) -> dict[str, pd.DataFrame]:
 def curves_long(group: Group) -> pd.DataFrame:
     """The data drawn by the accuracy figures, one row per (method, round)."""
     rows = [c.assign(method=m) for m, c in curves(group).items()]
-    cols = ["method", "step", "acc", "acc_std", "cum_train_flops", "cum_bytes", "seeds"]
+    cols = ["method", "step", "acc", "acc_seed_std", "cum_train_flops", "cum_bytes", "seeds"]
     return pd.concat(rows, ignore_index=True)[cols] if rows else pd.DataFrame(columns=cols)
 
 
 # ---- accuracy -----------------------------------------------------------------------------------------------
+METRICS = ("final_acc", "best_acc", "val_selected_acc")
+
+
 def accuracy_table(groups: list[Group]) -> pd.DataFrame:
-    """One row per (group, method): final / best / validation-selected accuracy, mean and std over seeds."""
+    """One row per (group, method): final / best / validation-selected accuracy, mean and std across seeds
+    (`*_seed_std`), how many seeds, and the paired difference of the final accuracy to the best baseline."""
     rows = []
     for group in groups:
+        paired = paired_differences(group).set_index("method")
         for method in group.methods:
             runs = group.runs[method]
             per_seed = [run_accuracies(r) for r in runs]
             row: dict[str, Any] = {"group": group.label, "method": method, "seeds": len(runs),
-                                   "seed_list": " ".join(str(r.seed) for r in runs)}
-            for metric in ("final_acc", "best_acc", "val_selected_acc"):
-                row[f"{metric}_mean"], row[f"{metric}_std"] = mean_std([a[metric] for a in per_seed])
+                                   "over": group.over(method)}
+            for metric in METRICS:
+                row[f"{metric}_mean"], row[f"{metric}_seed_std"] = mean_std([a[metric] for a in per_seed])
+            if method in paired.index:
+                row.update({k if k.startswith("paired_") else f"paired_{k}": v
+                            for k, v in paired.loc[method].items()})
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def seed_differences(group: Group, metric: str = "final_acc") -> tuple[str | None, dict[str, list[float]]]:
+    """(best baseline, method -> its `metric` minus the best baseline's in points, one value per seed both
+    ran, in seed order). A seed fixes the partition, so the seed-to-seed spread both share cancels."""
+    base = best_baseline(group)
+    if base is None:
+        return None, {}
+    ref = {r.seed: run_accuracies(r)[metric] for r in group.runs[base]}
+    out = {}
+    for method in group.methods:
+        if method != base:
+            mine = {r.seed: run_accuracies(r)[metric] for r in group.runs[method]}
+            out[method] = [100 * (mine[s] - ref[s]) for s in sorted(set(mine) & set(ref))]
+    return base, out
+
+
+def paired_differences(group: Group, metric: str = "final_acc") -> pd.DataFrame:
+    """Per method, the paired difference to the best baseline (seed_differences): mean and std across seeds
+    in points, and the seeds it wins, ties and loses. The best baseline has no row."""
+    cols = ["method", "reference", "paired_seeds", "diff_points", "diff_seed_std", "wins", "ties", "losses"]
+    base, diffs = seed_differences(group, metric)
+    rows = []
+    for method, d in diffs.items():
+        mean, std = mean_std(d)
+        rows.append({"method": method, "reference": base, "paired_seeds": len(d), "diff_points": mean,
+                     "diff_seed_std": std, "wins": sum(x > 0 for x in d), "ties": sum(x == 0 for x in d),
+                     "losses": sum(x < 0 for x in d)})
+    return pd.DataFrame(rows, columns=cols)
 
 
 def best_baseline(group: Group) -> str | None:
@@ -119,9 +174,10 @@ def proposed_method(group: Group) -> str | None:
 
 def client_difference(group: Group) -> tuple[pd.DataFrame, str | None, str | None]:
     """Per-client final accuracy of pFedLoRA minus the best baseline, paired by seed (same partition), then
-    averaged over the seeds both have. Returns (table, pfedlora label, baseline label); empty without both."""
+    averaged over the seeds both have (`diff_seed_std`: its spread across seeds; `n_test`: the client's test
+    samples, for a weighted mean). Returns (table, pfedlora label, baseline label); empty without both."""
     ours, base = proposed_method(group), best_baseline(group)
-    cols = ["client", "arch", "ours_acc", "baseline_acc", "diff_points", "seeds"]
+    cols = ["client", "arch", "ours_acc", "baseline_acc", "diff_points", "diff_seed_std", "n_test", "seeds"]
     if ours is None or base is None:
         return pd.DataFrame(columns=cols), ours, base
     a = {r.seed: r.clients for r in group.runs[ours] if r.clients is not None}
@@ -131,15 +187,27 @@ def client_difference(group: Group) -> tuple[pd.DataFrame, str | None, str | Non
         return pd.DataFrame(columns=cols), ours, base
     frames = []
     for seed in seeds:
-        merged = a[seed][["client", "arch", "test_acc"]].merge(
-            b[seed][["client", "test_acc"]], on="client", suffixes=("_ours", "_base"))
-        frames.append(merged.assign(seed=seed))
+        left = a[seed][["client", "arch", "test_acc"] + (["n_test"] if "n_test" in a[seed] else [])]
+        merged = left.merge(b[seed][["client", "test_acc"]], on="client", suffixes=("_ours", "_base"))
+        merged["diff"] = 100 * (merged["test_acc_ours"] - merged["test_acc_base"])
+        frames.append(merged.assign(seed=seed, n_test=merged.get("n_test", math.nan)))
     both = pd.concat(frames)
-    table = both.groupby("client", sort=True).agg(arch=("arch", "first"), ours_acc=("test_acc_ours", "mean"),
-                                                  baseline_acc=("test_acc_base", "mean")).reset_index()
-    table["diff_points"] = 100 * (table["ours_acc"] - table["baseline_acc"])
+    table = both.groupby("client", sort=True).agg(
+        arch=("arch", "first"), ours_acc=("test_acc_ours", "mean"), baseline_acc=("test_acc_base", "mean"),
+        diff_points=("diff", "mean"), diff_seed_std=("diff", lambda d: d.std(ddof=1) if len(d) > 1 else math.nan),
+        n_test=("n_test", "first")).reset_index()
     table["seeds"] = len(seeds)
     return table[cols], ours, base
+
+
+def difference_summary(diff: pd.DataFrame) -> dict[str, Any]:
+    """Wins, ties (exactly equal accuracy) and losses of pFedLoRA over the clients, and the mean difference
+    over clients, unweighted and weighted by test samples (when the clients' sizes are known)."""
+    d = diff["diff_points"]
+    weights = diff["n_test"] if "n_test" in diff and diff["n_test"].notna().all() else None
+    return {"clients": len(d), "better": int((d > 0).sum()), "tied": int((d == 0).sum()),
+            "worse": int((d < 0).sum()), "mean": float(d.mean()) if len(d) else math.nan,
+            "weighted_mean": float(np.average(d, weights=weights)) if weights is not None and len(d) else math.nan}
 
 
 # ---- cost to target -----------------------------------------------------------------------------------------
@@ -216,18 +284,136 @@ def ratio(theirs: float | None, ours: float | None) -> float | None:
 
 
 def headline(groups: list[Group]) -> pd.DataFrame:
-    """Per group, pFedLoRA against the best baseline in the form of the paper's claims: accuracy gain in
-    points, and computation / communication to target as 'k times less'."""
+    """Per group, pFedLoRA against the best baseline, measured: accuracy gain in points, and computation /
+    communication per round and to the target as ratios baseline / pFedLoRA (the paper's claims sit beside
+    them in the table, PAPER_CLAIMS, never in place of them)."""
     rows = []
     for group in groups:
-        cost = cost_to_target(group)
-        if cost.proposed is None or cost.baseline is None:
+        table = claims(group)
+        best = table[table["best_baseline"]] if len(table) else table
+        if not len(best):
             continue
-        row = cost.table.set_index("method").loc[cost.baseline]
-        rows.append({"group": group.label, "baseline": cost.baseline,
-                     "ours_final_acc": cost.table.set_index("method").loc[cost.proposed, "final_acc"],
-                     "baseline_final_acc": row["final_acc"], "acc_gain_points": row["acc_gain_points"],
-                     "target": cost.target, "target_kind": cost.target_kind,
-                     "rounds_ratio": row["rounds_ratio"], "flops_ratio": row["flops_ratio"],
-                     "bytes_ratio": row["bytes_ratio"], "seeds": len(group.seeds)})
+        row = best.iloc[0]
+        rows.append({"group": group.label, **row.to_dict(), "seeds": group.over()})
     return pd.DataFrame(rows)
+
+
+# ---- the paper's claims, checked ----------------------------------------------------------------------------
+# pFedLoRA's headline claims against the best baseline (SPEC section 2; the paper does not say in which setting
+# nor whether computation and communication are per round or to a target accuracy).
+PAPER_CLAIMS = {"acc_gain_points": 1.35, "flops_ratio": 11.81, "bytes_ratio": 7.41}
+
+
+def per_round(group: Group) -> dict[str, dict[str, float]]:
+    """method -> mean over seeds of its client training FLOPs and bytes (up + down) per round run."""
+    out = {}
+    for m in group.methods:
+        runs = group.runs[m]
+        last = [cost_columns(r.metrics).iloc[-1] for r in runs]
+        rounds = [max(int(r.metrics["step"].max()), 1) for r in runs]
+        out[m] = {"train_flops": float(np.mean([x["cum_train_flops"] / n for x, n in zip(last, rounds)])),
+                  "bytes": float(np.mean([x["cum_bytes"] / n for x, n in zip(last, rounds)]))}
+    return out
+
+
+def claims(group: Group) -> pd.DataFrame:
+    """pFedLoRA against each other method of the group: the final accuracy difference (points, means over
+    seeds), the cost ratios baseline / pFedLoRA per round and to the target (FLOPs, bytes; > 1: pFedLoRA
+    needs less), and what the paper's computation and communication claims would require of the rounds:
+    the ratio of rounds to target (baseline / pFedLoRA) that gives the claimed saving at the measured
+    per-round ratio (claim / per-round ratio)."""
+    cost = cost_to_target(group)
+    ours = cost.proposed
+    if ours is None:
+        return pd.DataFrame()
+    costs = cost.table.set_index("method")
+    rounds = per_round(group)
+    rows = []
+    for m in group.methods:
+        if role_of(m) == "proposed":  # pFedLoRA itself and its variants (rank=8, joint, ...)
+            continue
+        row = {"group": group.label, "baseline": m, "best_baseline": m == cost.baseline,
+               "acc_gain_points": 100 * (costs.loc[ours, "final_acc"] - costs.loc[m, "final_acc"]),
+               "flops_round_ratio": ratio(rounds[m]["train_flops"], rounds[ours]["train_flops"]),
+               "bytes_round_ratio": ratio(rounds[m]["bytes"], rounds[ours]["bytes"]),
+               "flops_target_ratio": costs.loc[m, "flops_ratio"], "bytes_target_ratio": costs.loc[m, "bytes_ratio"],
+               "rounds_target_ratio": costs.loc[m, "rounds_ratio"], "target": cost.target,
+               "target_kind": cost.target_kind}
+        for kind in ("flops", "bytes"):
+            per = row[f"{kind}_round_ratio"]
+            row[f"{kind}_rounds_ratio_needed"] = PAPER_CLAIMS[f"{kind}_ratio"] / per if per else None
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# ---- cost-normalised comparison -------------------------------------------------------------------------------
+COSTS = {"flops": ("cum_train_flops", "client training FLOPs"), "bytes": ("cum_bytes", "bytes up + down")}
+
+
+@dataclass
+class Budget:
+    kind: str                      # "flops" or "bytes"
+    budget: float | None           # the matched budget (None: no method has a positive cost)
+    cheapest: str | None           # the method whose need set it
+    needs: dict[str, float]        # method -> cost at the first round its mean accuracy reached its final one
+
+
+def matched_budget(group: Group, kind: str) -> Budget:
+    """The budget every method is held to: the smallest cost (cumulative FLOPs or bytes, on the mean curve
+    over seeds) at which a method first reached its own final mean accuracy. Methods that cost nothing of
+    this kind (Standalone's bytes) cannot set it."""
+    column = COSTS[kind][0]
+    needs = {}
+    for m, c in curves(group).items():
+        c = c[c["step"] > 0]
+        if c.empty:
+            continue
+        reached = c[c["acc"] >= c["acc"].iloc[-1] - 1e-12]
+        needs[m] = float(reached[column].iloc[0])
+    positive = {m: v for m, v in needs.items() if v > 0}
+    if not positive:
+        return Budget(kind, None, None, needs)
+    cheapest = min(positive, key=lambda m: (positive[m], method_order(m)))
+    return Budget(kind, positive[cheapest], cheapest, needs)
+
+
+def method_order(method: str) -> tuple:
+    from reports.results import method_sort_key
+
+    return method_sort_key(method)
+
+
+def accuracy_within(run: Run, kind: str, budget: float) -> float:
+    """The run's accuracy at its last evaluated round whose cumulative cost is within `budget` (what stopping
+    it at the budget gives); NaN when its first round already costs more."""
+    c = cost_columns(run.metrics)
+    c = c[(c["step"] > 0) & c["acc"].notna() & (c[COSTS[kind][0]] <= budget * (1 + 1e-9))]
+    return float(c["acc"].iloc[-1]) if len(c) else math.nan
+
+
+def worst_client(run: Run, q: float = 10) -> float:
+    """The q-th percentile (linear interpolation) of the run's per-client final test accuracy."""
+    if run.clients is None or "test_acc" not in run.clients or not len(run.clients):
+        return math.nan
+    return float(np.percentile(run.clients["test_acc"].to_numpy(dtype=float), q))
+
+
+def cost_normalised(group: Group) -> tuple[pd.DataFrame, dict[str, Budget]]:
+    """Per method: final accuracy, worst-client (10th-percentile) accuracy and the accuracy within the matched
+    FLOPs and bytes budgets, each the mean over seeds with its 95% t confidence interval half-width (`*_ci`)."""
+    budgets = {kind: matched_budget(group, kind) for kind in COSTS}
+    rows = []
+    for m in group.methods:
+        runs = group.runs[m]
+        values = {"final_acc": [run_accuracies(r)["final_acc"] for r in runs],
+                  "worst_client_acc": [worst_client(r) for r in runs]}
+        for kind, b in budgets.items():
+            values[f"acc_at_{kind}_budget"] = ([accuracy_within(r, kind, b.budget) for r in runs]
+                                               if b.budget is not None else [math.nan])
+        row: dict[str, Any] = {"group": group.label, "method": m, "seeds": len(runs)}
+        for name, vals in values.items():
+            row[name], row[f"{name}_ci"] = t_interval(vals)
+        for kind, b in budgets.items():
+            row[f"{kind}_budget"], row[f"{kind}_needed"] = b.budget, b.needs.get(m)
+        rows.append(row)
+    return pd.DataFrame(rows), budgets

@@ -13,7 +13,9 @@ from bench.errors import UserError
 
 
 def report_command(results_dirs: tuple[Path, ...], output_dir: Path | None, *, tracking_uri: str | None,
-                   experiment: str | None, parents: tuple[str, ...], title: str) -> None:
+                   experiment: str | None, parents: tuple[str, ...], title: str, pool: bool = False) -> None:
+    """`pool`: pool runs of settings that share a label (dataset, N, C, partition) but differ elsewhere (e.g.
+    rounds) instead of reporting them apart; either way the grouping found is printed."""
     from bench.store import expand_folders
     from reports.report import build_report
     from reports.results import load_folder, load_mlflow
@@ -42,7 +44,7 @@ def report_command(results_dirs: tuple[Path, ...], output_dir: Path | None, *, t
         source = ", ".join(map(str, folders))
     if not runs:
         raise UserError(f"no runs found in {source}")
-    files = build_report(runs, out, title=title or f"Report: {source}")
+    files = build_report(runs, out, title=title or f"Report: {source}", pool=pool, echo=click.echo)
     click.echo(f"report: {len(files)} files in {out} (index: {files[-1]})")
 
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import math
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -34,7 +34,7 @@ import pandas as pd
 from reports import analysis, plots, tables
 from reports.report import Item, Section, figure_item, slug, table_item, write_index
 from bench.store import MLFLOW_DB, ResultsStore, default_tracking_uri, run_key
-from reports.results import Group, Run, dataset_label, display_name, group_runs, load_folder
+from reports.results import Group, Run, dataset_label, group_runs, load_folder, with_split
 
 
 # ---- scales -----------------------------------------------------------------------------------------------------
@@ -94,6 +94,7 @@ class Cell:
     method: str                    # the method's label (algorithm, or a variant such as 'pfedlora (joint)')
     x: Any = None                  # the swept value (sweep recipes)
     subset: tuple[int, int] | None = None
+    mark: str = ""                 # '' at full scale, else e.g. 'SMOKE scale (3 rounds)': in every title and table
 
     @property
     def config(self) -> dict[str, Any]:
@@ -143,8 +144,24 @@ def cell(scale: Scale, dataset: str, algorithm: str, seed: int, group: str, sett
     """A cell of `scale`: `settings` (RunConfig fields: num_clients, participation, ...) over the scale's base
     and the dataset's default classes per client."""
     settings = {**scale.base, "classes_per_client": default_classes(dataset), **settings}
+    mark = scale_mark(scale)
     return Cell(dataset, tuple(sorted(settings.items())), algorithm, tuple(sorted((hparams or {}).items())), seed,
-                group, method or algorithm, x, scale.subset)
+                group + (f" · {mark}" if mark else ""), method or algorithm, x, scale.subset, mark)
+
+
+def scale_mark(scale: Scale) -> str:
+    """'' at full scale (the SPEC protocol); else what every title and table of it must say."""
+    if scale.name == "full":
+        return ""
+    return f"{scale.name.upper()} scale ({scale.base.get('rounds', '?')} rounds)"
+
+
+def marked(table: tables.Table, cells: dict[str, Cell]) -> tables.Table:
+    """The table with its cells' scale mark in front of its title (a smoke-scale table says so)."""
+    mark = next((c.mark for c in cells.values() if c.mark), "")
+    if mark and mark not in table.title:
+        table.title = f"{mark}: {table.title}"
+    return table
 
 
 def data_label(scale: Scale, dataset: str) -> str:
@@ -232,7 +249,8 @@ def groups_of(runs: list[Run]) -> list[Group]:
 
 
 def suffix_of(group: Group, many: bool) -> str:
-    return "-" + slug(group.label) if many else ""
+    """A file-name suffix per setting (without the scale mark, which every setting of a recipe shares)."""
+    return "-" + slug(re.sub(r" · [A-Z]+ scale \(.*\)$", "", group.label)) if many else ""
 
 
 def make_t1(runs, cells, out: Path) -> list[Section]:
@@ -240,12 +258,15 @@ def make_t1(runs, cells, out: Path) -> list[Section]:
     acc = analysis.accuracy_table(groups)
     section = Section("T1: final accuracy")
     if groups:
-        section.items.append(table_item(tables.final_accuracy_table(acc, "t1_final_accuracy"), out))
-        section.items.append(table_item(tables.final_accuracy_table(acc, "t1_best_accuracy", "best_acc",
-                                                                    "Best-over-rounds"), out))
-        section.items.append(table_item(tables.final_accuracy_table(acc, "t1_val_selected_accuracy",
-                                                                    "val_selected_acc", "Validation-selected"), out))
-        section.items.append(figure_item(grouped_accuracy_bars(acc), out, "t1_final_accuracy",
+        for name, metric, what in (("t1_final_accuracy", "final_acc", "Final"),
+                                   ("t1_best_accuracy", "best_acc", "Best-over-rounds"),
+                                   ("t1_val_selected_accuracy", "val_selected_acc", "Validation-selected")):
+            table = tables.final_accuracy_table(acc, name, metric, what)
+            section.items.append(table_item(marked(table, cells), out))
+        section.items.append(table_item(marked(tables.accuracy_metrics_table(acc, "t1_paired"), cells), out))
+        mark = next((c.mark for c in cells.values() if c.mark), "")
+        title = "T1: final accuracy per method and setting" + (f" · {mark}" if mark else "")
+        section.items.append(figure_item(plots.grouped_accuracy_dots(acc, title), out, "t1_final_accuracy",
                                          "Final accuracy per method and setting"))
     return [section]
 
@@ -263,11 +284,11 @@ def make_convergence(runs, cells, out: Path) -> list[Section]:
                                          f"accuracy_vs_round{sfx}", "Mean test accuracy vs round", data))
         diff, ours, base = analysis.client_difference(group)
         if len(diff):
-            section.items.append(figure_item(plots.client_difference_bars(diff, ours, base, group.label), out,
+            section.items.append(figure_item(plots.client_difference_dots(diff, ours, base, group.label), out,
                                              f"client_difference{sfx}", "Per-client accuracy: pFedLoRA minus the "
                                              "best baseline"))
-            section.items.append(table_item(tables.client_difference_table(diff, ours, base,
-                                                                           f"client_difference{sfx}"), out))
+            table = tables.client_difference_table(diff, ours, base, f"client_difference{sfx}", group.label)
+            section.items.append(table_item(marked(table, cells), out))
         sections.append(section)
     return sections
 
@@ -277,23 +298,28 @@ def make_cost(runs, cells, out: Path) -> list[Section]:
     head = analysis.headline(groups)
     overview = Section("Cost: pFedLoRA vs the best baseline")
     if len(head):
-        overview.items.append(table_item(tables.headline_table(head, "cost_headline"), out))
+        overview.items.append(table_item(marked(tables.headline_table(head, "cost_headline"), cells), out))
     sections = [overview]
     for group in groups:
         sfx = suffix_of(group, len(groups) > 1)
         section = Section(f"Cost to target: {group.label}")
         cost = analysis.cost_to_target(group)
-        section.items.append(table_item(tables.cost_table(cost, f"cost_to_target{sfx}"), out))
-        section.items.append(figure_item(plots.cost_bars(cost, group.label), out, f"cost_to_target{sfx}",
+        section.items.append(table_item(marked(tables.cost_table(cost, f"cost_to_target{sfx}", group.label),
+                                               cells), out))
+        section.items.append(figure_item(plots.cost_dots(cost, group.label), out, f"cost_to_target{sfx}",
                                          "Rounds, computation and communication to reach the target"))
-        curves = analysis.curves(group)
+        claims = analysis.claims(group)
+        if len(claims):
+            section.items.append(table_item(marked(tables.claims_table(claims, f"claims{sfx}", group.label), cells),
+                                            out))
+        normalised, budgets = analysis.cost_normalised(group)
+        section.items.append(table_item(marked(tables.cost_normalised_table(
+            normalised, budgets, f"cost_normalised{sfx}", group.label), cells), out))
         data = out / f"accuracy_curves{sfx}.csv"
         analysis.curves_long(group).to_csv(data, index=False)
-        section.items.append(figure_item(plots.accuracy_vs_cost(curves, group.label, "flops"), out,
-                                         f"accuracy_vs_flops{sfx}", "Accuracy vs cumulative client training FLOPs",
-                                         data))
-        section.items.append(figure_item(plots.accuracy_vs_cost(curves, group.label, "bytes"), out,
-                                         f"accuracy_vs_bytes{sfx}", "Accuracy vs cumulative bytes (up + down)", data))
+        section.items.append(figure_item(plots.accuracy_vs_costs(analysis.curves(group), group.label, budgets), out,
+                                         f"accuracy_vs_cost{sfx}", "Accuracy vs cumulative client training FLOPs "
+                                         "and bytes (up + down)", data))
         sections.append(section)
     return sections
 
@@ -304,15 +330,15 @@ def sweep_frame(runs: list[Run], cells: dict[str, Cell]) -> pd.DataFrame:
     for run in runs:
         c = cells[run.source]
         if run.finished:
-            buckets.setdefault((dataset_label(c.dataset), c.group, run.method, c.x), []).append(run)
+            buckets.setdefault((dataset_label(c.dataset), run.group or c.group, run.method, c.x), []).append(run)
     rows = []
     for (dataset, group, method, x), members in buckets.items():
         accs = [analysis.run_accuracies(r) for r in members]
         last = [analysis.cost_columns(r.metrics).iloc[-1] for r in members]
         rounds = float(np.mean([r.metrics["step"].max() for r in members]))
         row = {"dataset": dataset, "group": group, "method": method, "x": x, "seeds": len(members)}
-        for metric in ("final_acc", "best_acc", "val_selected_acc"):
-            row[f"{metric}_mean"], row[f"{metric}_std"] = analysis.mean_std([a[metric] for a in accs])
+        for metric in analysis.METRICS:
+            row[f"{metric}_mean"], row[f"{metric}_seed_std"] = analysis.mean_std([a[metric] for a in accs])
         row["train_flops_per_round"] = float(np.mean([v["cum_train_flops"] for v in last])) / max(rounds, 1)
         row["bytes_per_round"] = float(np.mean([v["cum_bytes"] for v in last])) / max(rounds, 1)
         rows.append(row)
@@ -334,8 +360,9 @@ def make_sweep(heading: str, xlabel: str, short: str, stem: str, log2: bool = Fa
                 section.items.append(figure_item(plots.cost_per_round_lines(sub, "x", xlabel, title, log2=log2), out,
                                                  f"{stem}_cost{sfx}", f"{heading}: cost per round vs {xlabel}"))
             table = tables.sweep_table(sub, "x", short, f"{stem}{sfx}",
-                                       f"Final mean test accuracy (%) vs {xlabel}, mean ± std over seeds ({group})")
-            section.items.append(table_item(table, out))
+                                       f"Final mean test accuracy (%) vs {xlabel}, mean ± std across seeds over "
+                                       f"{int(sub['seeds'].max())} seed(s) ({group})")
+            section.items.append(table_item(marked(table, cells), out))
             sections.append(section)
         return sections
     return make
@@ -358,46 +385,16 @@ def make_ablation(runs, cells, out: Path) -> list[Section]:
         df = df.assign(method="pfedlora")
         display = pd.DataFrame({
             "Training": df["x"], "Final acc. (%)": [tables.pct(a, b) for a, b in zip(df["final_acc_mean"],
-                                                                                    df["final_acc_std"])],
-            "Best acc. (%)": [tables.pct(a, b) for a, b in zip(df["best_acc_mean"], df["best_acc_std"])],
+                                                                                    df["final_acc_seed_std"])],
+            "Best acc. (%)": [tables.pct(a, b) for a, b in zip(df["best_acc_mean"], df["best_acc_seed_std"])],
             "Client FLOPs per round": [tables.eng(v, "FLOP") for v in df["train_flops_per_round"]],
             "Bytes per round": [tables.eng(v, "B") for v in df["bytes_per_round"]],
             "Seeds": df["seeds"]})
         table = tables.Table(f"ablation{sfx}", f"pFedLoRA, iterative vs joint training of F_k and the adapter "
-                             f"({group.label})", display, df)
-        section.items.append(table_item(table, out))
+                             f"({group.label}); accuracies mean ± std across seeds", display, df)
+        section.items.append(table_item(marked(table, cells), out))
         sections.append(section)
     return sections
-
-
-def grouped_accuracy_bars(acc: pd.DataFrame):
-    """T1 as a figure: settings on the x-axis, one bar per method (mean +- std over seeds)."""
-    import matplotlib.pyplot as plt
-
-    from reports.results import method_sort_key
-
-    groups = list(dict.fromkeys(acc["group"]))
-    methods = sorted(dict.fromkeys(acc["method"]), key=method_sort_key)
-    width = 0.8 / max(len(methods), 1)
-    fig, ax = plt.subplots(figsize=(max(7, 2.6 * len(groups) + 2), 4.8))
-    for i, m in enumerate(methods):
-        sub = acc[acc["method"] == m].set_index("group")
-        xs = [j + (i - (len(methods) - 1) / 2) * width for j, g in enumerate(groups) if g in sub.index]
-        ys = [100 * sub.loc[g, "final_acc_mean"] for g in groups if g in sub.index]
-        err = [100 * (0 if math.isnan(sub.loc[g, "final_acc_std"]) else sub.loc[g, "final_acc_std"])
-               for g in groups if g in sub.index]
-        bars = ax.bar(xs, ys, width=width * 0.95, yerr=err if any(err) else None, capsize=2,
-                      color=plots.method_color(m), label=display_name(m))
-        for patch, g in zip(bars.patches, [g for g in groups if g in sub.index]):
-            patch.set_gid(f"{m}|{g}")
-    ax.set_xticks(range(len(groups)), [g.replace(" · ", "\n") for g in groups], fontsize=8)
-    ax.set_ylabel("final mean test accuracy (%)")
-    seeds = int(acc["seeds"].max()) if len(acc) else 1
-    ax.set_title(f"T1: final accuracy per method and setting · {plots.seeds_note(seeds)}")
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    fig.tight_layout()
-    return fig
 
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
@@ -479,7 +476,9 @@ def subset_dataset(name: str, subset: tuple[int, int], data_dir: str | None, cac
     n_train, n_test = subset
     path = cache / f"{Path(name).stem}-subset-{n_train}-{n_test}.npz"
     if path.exists():
-        return str(path)
+        with np.load(path) as old:
+            if "split" in old.files:  # written before subsets recorded their source's split: write it again
+                return str(path)
     from data.sources import load_dataset
 
     ds = load_dataset(name, Path(data_dir) if data_dir else None)
@@ -494,7 +493,7 @@ def subset_dataset(name: str, subset: tuple[int, int], data_dir: str | None, cac
     cache.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, x_train=ds.x_train[tr], y_train=ds.y_train[tr], x_test=ds.x_test[te], y_test=ds.y_test[te],
-             classes=np.array(ds.classes))
+             classes=np.array(ds.classes), split=np.array(ds.split))  # the subset keeps its source's split
     tmp.replace(path)
     return str(path)
 
@@ -628,7 +627,7 @@ def collect(cells: list[Cell], ctx: Context) -> tuple[list[Run], dict[str, Cell]
         for run in load_folder(ctx.runs_dir / c.name(ctx.sets)):
             if run.algorithm != c.algorithm or run.seed != c.seed:
                 continue
-            run.group, run.method = c.group, c.method
+            run.group, run.method = with_split(c.group, run.params), c.method
             runs.append(run)
             by_source[run.source] = c
     return runs, by_source

@@ -1,24 +1,30 @@
 """The report written at the end of every `bench run` (and by `bench report`): figures (PNG and PDF),
 tables (Markdown, CSV, LaTeX), the data behind the curves (CSV), and a Markdown index showing all of them.
 
-Per setting (a dataset with its N, C and partition):
-- accuracy_vs_round: mean test accuracy per round, one line per method (band: std over seeds);
-- accuracy_vs_flops / accuracy_vs_bytes: the same against cumulative client training FLOPs and bytes;
-- final_accuracy: final accuracy per method, mean +- std over seeds (figure and table);
+Runs are grouped by setting (the resolved config less seed and method, reports/results.py); settings that
+share a label but differ elsewhere (e.g. rounds) are reported apart unless `pool` asks to pool them, and the
+report says what it found. Per setting:
+- accuracy_vs_round: mean test accuracy per round, one line per method (band: ± std across seeds);
+- accuracy_vs_cost: the same against cumulative client training FLOPs and against bytes (two panels, log x);
+- final_accuracy: final accuracy per method, mean ± std across seeds, beside the paired difference to the
+  best baseline per seed (figure and table);
 - client_difference: per-client accuracy of pFedLoRA minus the best baseline (figure and table);
 - cost_to_target: rounds, computation, communication to reach the target, with ratios to pFedLoRA;
-- headline: pFedLoRA vs the best baseline in the form of the paper's claims.
-With several settings, the file names get a suffix per setting and final_accuracy becomes the T1 table."""
+- claims: the paper's claimed figures beside the measured ones, against every baseline;
+- cost_normalised: accuracy within matched FLOPs and bytes budgets, and of the worst clients, with 95% CIs.
+Overview: accuracy_metrics, headline (the best baseline of each setting, the paper's claims beside it) and,
+with several settings, the T1 table; file names then get a suffix per setting."""
 from __future__ import annotations
 
 import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from bench.store import ResultsStore
 from reports import analysis, plots, tables
-from reports.results import Group, Run, group_runs, label_runs, load_folder
+from reports.results import Group, Run, describe_settings, group_runs, label_runs, load_folder, split_note
 
 
 @dataclass
@@ -78,18 +84,19 @@ def group_section(group: Group, out_dir: Path, suffix: str = "") -> Section:
     def curve_figures() -> list[Item]:
         curves = analysis.curves(group)
         analysis.curves_long(group).to_csv(data, index=False)
+        budgets = {kind: analysis.matched_budget(group, kind) for kind in analysis.COSTS}
         return [figure_item(plots.accuracy_vs_round(curves, title), out_dir, f"accuracy_vs_round{suffix}",
                             "Mean test accuracy vs round", data),
-                figure_item(plots.accuracy_vs_cost(curves, title, "flops"), out_dir, f"accuracy_vs_flops{suffix}",
-                            "Accuracy vs cumulative client training FLOPs", data),
-                figure_item(plots.accuracy_vs_cost(curves, title, "bytes"), out_dir, f"accuracy_vs_bytes{suffix}",
-                            "Accuracy vs cumulative bytes (up + down)", data)]
+                figure_item(plots.accuracy_vs_costs(curves, title, budgets), out_dir, f"accuracy_vs_cost{suffix}",
+                            "Accuracy vs cumulative client training FLOPs and bytes (up + down)", data)]
 
     def final_accuracy() -> list[Item]:
         acc = analysis.accuracy_table([group])
-        return [figure_item(plots.final_accuracy_bars(acc, title), out_dir, f"final_accuracy{suffix}",
-                            "Final accuracy per method"),
-                table_item(tables.final_accuracy_table(acc, f"final_accuracy{suffix}"), out_dir)]
+        _, seed_diffs = analysis.seed_differences(group)
+        figure = plots.final_accuracy_dots(acc, title, analysis.paired_differences(group), seed_diffs)
+        return [figure_item(figure, out_dir, f"final_accuracy{suffix}",
+                            "Final accuracy per method, and paired by seed against the best baseline"),
+                table_item(tables.accuracy_metrics_table(acc, f"final_accuracy{suffix}"), out_dir)]
 
     def client_difference() -> list[Item]:
         diff, ours, base = analysis.client_difference(group)
@@ -97,24 +104,32 @@ def group_section(group: Group, out_dir: Path, suffix: str = "") -> Section:
             if ours is None:
                 section.notes.append("No pFedLoRA run in this setting: no per-client difference and no ratios.")
             return []
-        return [figure_item(plots.client_difference_bars(diff, ours, base, title), out_dir,
+        return [figure_item(plots.client_difference_dots(diff, ours, base, title), out_dir,
                             f"client_difference{suffix}",
                             "Per-client accuracy difference, pFedLoRA minus the best baseline"),
-                table_item(tables.client_difference_table(diff, ours, base, f"client_difference{suffix}"), out_dir)]
+                table_item(tables.client_difference_table(diff, ours, base, f"client_difference{suffix}", title),
+                           out_dir)]
 
     def cost() -> list[Item]:
         result = analysis.cost_to_target(group)
-        return [figure_item(plots.cost_bars(result, title), out_dir, f"cost_to_target{suffix}",
-                            "Rounds, computation and communication to reach the target accuracy"),
-                table_item(tables.cost_table(result, f"cost_to_target{suffix}"), out_dir)]
+        items = [figure_item(plots.cost_dots(result, title), out_dir, f"cost_to_target{suffix}",
+                             "Rounds, computation and communication to reach the target accuracy"),
+                 table_item(tables.cost_table(result, f"cost_to_target{suffix}", title), out_dir)]
+        claims = analysis.claims(group)
+        if len(claims):
+            items.append(table_item(tables.claims_table(claims, f"claims{suffix}", title), out_dir))
+        return items
 
-    note = partition_note(group)
-    if note:
-        section.notes.append(note)
+    def cost_normalised() -> Item:
+        table, budgets = analysis.cost_normalised(group)
+        return table_item(tables.cost_normalised_table(table, budgets, f"cost_normalised{suffix}", title), out_dir)
+
+    section.notes += [n for n in (split_note(group.params), partition_note(group)) if n] + group.notes
     attempt(section, "accuracy curves", curve_figures)
     attempt(section, "final accuracy", final_accuracy)
     attempt(section, "per-client difference", client_difference)
     attempt(section, "cost to target", cost)
+    attempt(section, "cost-normalised comparison", cost_normalised)
     return section
 
 
@@ -132,14 +147,20 @@ def partition_note(group: Group) -> str:
 
 
 def build_report(runs: list[Run], out_dir: Path, title: str = "Report", index_name: str = "report.md",
-                 group_of: dict[str, str] | None = None) -> list[Path]:
-    """Write every figure and table for these runs into out_dir; returns the files (index last)."""
+                 group_of: dict[str, str] | None = None, pool: bool = False,
+                 echo: Callable[[str], None] | None = None) -> list[Path]:
+    """Write every figure and table for these runs into out_dir; returns the files (index last). Runs of
+    different settings are reported apart unless `pool`; what the grouping found goes to the index's overview
+    and to `echo`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs = label_runs(runs, group_of)
-    groups = group_runs(runs)
+    runs = label_runs(runs, group_of, pool)
+    groups = group_runs(runs, pool)
+    found = describe_settings(runs, pool)
+    for line in found if echo else []:
+        echo(line)
     sections: list[Section] = []
-    overview = Section("Overview")
+    overview = Section("Overview", notes=found)
     if groups:
         acc = analysis.accuracy_table(groups)
         if len(groups) > 1:

@@ -44,6 +44,7 @@ class Run:
     source: str                   # folder path or MLflow run id
     method: str = ""              # label in tables/figures: the algorithm, plus hparams where variants coexist
     group: str = ""               # the setting this run belongs to (dataset and federation setting)
+    setting: dict[str, Any] = field(default_factory=dict)  # its resolved config less seed and method (setting_of)
 
     @property
     def finished(self) -> bool:
@@ -105,9 +106,39 @@ def setting_label(params: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+# How a dataset's train/test split is shown after its name (data/sources.py SPLITS); where the split is the file's
+# own or generated, the name says enough.
+SPLIT_LABELS = {"official": "official split", "re-split": "re-split", "unknown": "split unknown"}
+
+
+def split_label(params: dict[str, Any]) -> str:
+    """' (re-split)' etc. after a dataset's name: which train/test split its runs used (config.json's
+    `dataset_split`); '' where the runs did not record one or it is the file's own."""
+    split = params.get("dataset_split")
+    return f" ({SPLIT_LABELS[split]})" if split in SPLIT_LABELS else ""
+
+
+def split_note(params: dict[str, Any]) -> str:
+    """The split in full, for a report's notes ('' when not recorded)."""
+    split = params.get("dataset_split")
+    if not split:
+        return ""
+    from data.sources import SPLITS
+
+    return f"Data split: {split}, {SPLITS.get(split, split)}."
+
+
 def group_label(params: dict[str, Any], tags: dict[str, str] | None = None) -> str:
     dataset = params.get("dataset") or (tags or {}).get("dataset", "?")
-    return f"{dataset_label(dataset)} · {setting_label(params)}"
+    return f"{dataset_label(dataset)}{split_label(params)} · {setting_label(params)}"
+
+
+def with_split(label: str, params: dict[str, Any]) -> str:
+    """A group label '<data> · <setting>' with the runs' split added after <data> (paper cells are labelled
+    before their data is loaded)."""
+    head, sep, rest = label.partition(" · ")
+    suffix = split_label(params)
+    return label if not suffix or head.endswith(suffix) else f"{head}{suffix}{sep}{rest}"
 
 
 # ---- results folders --------------------------------------------------------------------------------------
@@ -256,11 +287,59 @@ def mlflow_run(client, run) -> Run:
 
 
 # ---- grouping ---------------------------------------------------------------------------------------------
-def label_runs(runs: list[Run], group_of: dict[str, str] | None = None) -> list[Run]:
-    """Give each run its group (the setting) and method label. Within a group, runs of one algorithm with
+# A setting is a run's resolved config less what tells its runs apart (seed, method and its hyper-parameters) and
+# what cannot change the numbers (the SETUP fields of bench.config: paths, device, tracking).
+NOT_SETTING = ("algorithms", "seeds", "algo")
+
+
+def setting_of(params: dict[str, Any]) -> dict[str, Any]:
+    """The setting of a run (see NOT_SETTING), numbers normalised so a folder and MLflow agree; a partition's
+    own parameter only under that partition (no Dirichlet alpha under label skew)."""
+    from bench.config import results_fields
+
+    keys = [k for k in results_fields() if k not in NOT_SETTING] + ["dataset_split"]
+    out = {k: normalise(params.get(k)) for k in keys}
+    if out.get("partition") != "dirichlet":
+        out.pop("dirichlet_alpha", None)
+    if out.get("partition") not in ("label-skew", None):
+        out.pop("classes_per_client", None)
+    if out.get("target_accuracy") is None:  # dataset-aware default: the runs' resolved value
+        out["target_accuracy"] = normalise(params.get("target_acc"))
+    return out
+
+
+def normalise(value: Any) -> Any:
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, (list, tuple)):
+        return [normalise(v) for v in value]
+    return value
+
+
+def setting_key(setting: dict[str, Any]) -> str:
+    return json.dumps(setting, sort_keys=True, default=str)
+
+
+def label_runs(runs: list[Run], group_of: dict[str, str] | None = None, pool: bool = False) -> list[Run]:
+    """Give each run its group (the setting) and method label. A run's group is its setting (`setting_of`):
+    settings that the usual label ('CIFAR-10 · N=10, C=100%, ...') cannot tell apart get the fields they differ
+    in added ('· rounds=10'), unless `pool` asks to pool them under the usual label. A group given by the
+    caller (`group_of`, or preset as `bench paper` does) is kept. Within a group, runs of one algorithm with
     different hyper-parameters become separate methods, e.g. 'pfedlora (rank=8)'."""
     for run in runs:
-        run.group = (group_of or {}).get(run.source) or run.group or group_label(run.params, run.tags)
+        run.setting = setting_of(run.params)
+        run.group = (group_of or {}).get(run.source) or run.group
+    free = [r for r in runs if not r.group]
+    by_label: dict[str, list[Run]] = {}
+    for run in free:
+        by_label.setdefault(group_label(run.params, run.tags), []).append(run)
+    for label, members in by_label.items():
+        differing = differing_fields([r.setting for r in members])
+        for run in members:
+            run.group = label if pool or not differing else (
+                f"{label} · " + ", ".join(f"{k}={show(run.setting.get(k))}" for k in differing))
     by_algo: dict[tuple[str, str], list[Run]] = {}
     for run in runs:
         by_algo.setdefault((run.group, run.algorithm), []).append(run)
@@ -272,6 +351,39 @@ def label_runs(runs: list[Run], group_of: dict[str, str] | None = None) -> list[
                 continue
             run.method = algorithm + (" (" + ", ".join(f"{k}={hp.get(k)}" for k in keys) + ")" if keys else "")
     return runs
+
+
+def differing_fields(settings: list[dict[str, Any]]) -> list[str]:
+    keys = dict.fromkeys(k for s in settings for k in s)
+    return [k for k in keys if len({setting_key({"v": s.get(k)}) for s in settings}) > 1]
+
+
+def show(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return "none" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def describe_settings(runs: list[Run], pool: bool = False) -> list[str]:
+    """What grouping found, one line each: how many settings, and each set of settings that share a label
+    (same dataset, N, C, partition) but differ elsewhere, e.g. in rounds: reported apart, or pooled (`pool`)."""
+    labelled = [r for r in runs if r.setting]
+    keys = {setting_key(r.setting) for r in labelled}
+    lines = [f"{len(runs)} run(s) in {len(keys)} setting(s) (setting = the resolved config less seed and "
+             "method)."] if labelled else []
+    by_label: dict[str, dict[str, dict[str, Any]]] = {}
+    for run in labelled:
+        by_label.setdefault(group_label(run.params, run.tags), {})[setting_key(run.setting)] = run.setting
+    for label, settings in by_label.items():
+        if len(settings) < 2:
+            continue
+        fields = differing_fields(list(settings.values()))
+        values = "; ".join(f"{k}: " + " vs ".join(show(s.get(k)) for s in settings.values()) for k in fields)
+        lines.append(f"{label}: {len(settings)} different settings ({values}): "
+                     + ("POOLED as asked (--pool): curves are averaged at the rounds every run evaluated, and "
+                        "± is over runs of different settings" if pool
+                        else "reported apart (pass --pool to pool them)"))
+    return lines
 
 
 def flat_hparams(hp: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -291,6 +403,7 @@ class Group:
     label: str
     runs: dict[str, list[Run]] = field(default_factory=dict)  # method -> finished runs, by seed
     cache: dict[str, Any] = field(default_factory=dict, repr=False)  # derived data (mean curves)
+    notes: list[str] = field(default_factory=list)           # what grouping left out or pooled
 
     @property
     def methods(self) -> list[str]:
@@ -304,15 +417,35 @@ class Group:
     def params(self) -> dict[str, Any]:
         return next(iter(self.runs.values()))[0].params
 
+    def over(self, method: str | None = None) -> str:
+        """What a mean ± std of this group (or of one method) is over: '3 seeds', or '3 runs (2 distinct
+        seeds)' where pooled runs repeat a seed."""
+        methods = [method] if method else self.methods
+        sizes = {len(self.runs[m]) for m in methods}
+        if len(sizes) > 1:
+            return "each method's seeds (" + ", ".join(f"{display_name(m)} {len(self.runs[m])}" for m in methods) + ")"
+        n = sizes.pop()
+        distinct = min(len({r.seed for r in self.runs[m]}) for m in methods)
+        if distinct == n:
+            return f"{n} seed{'s' if n != 1 else ''}"
+        return f"{n} runs ({distinct} distinct seed{'s' if distinct != 1 else ''})"
 
-def group_runs(runs: list[Run]) -> list[Group]:
-    """Finished runs by group (in first-seen order), then by method."""
+
+def group_runs(runs: list[Run], pool: bool = False) -> list[Group]:
+    """Finished runs by group (in first-seen order), then by method. A second run of the same method and seed
+    in one setting (the same run twice, e.g. in two results folders) is left out with a note, unless `pool`."""
     groups: dict[str, Group] = {}
     for run in runs:
         if not run.finished:
             continue
         group = groups.setdefault(run.group, Group(run.group))
-        group.runs.setdefault(run.method, []).append(run)
+        members = group.runs.setdefault(run.method, [])
+        twin = next((r for r in members if r.seed == run.seed), None)
+        if twin is not None and not pool:
+            group.notes.append(f"{display_name(run.method)} seed {run.seed} appears twice ({twin.source} and "
+                               f"{run.source}): the second is left out (--pool keeps both)")
+            continue
+        members.append(run)
     for group in groups.values():
         for members in group.runs.values():
             members.sort(key=lambda r: r.seed)

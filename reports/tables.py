@@ -42,10 +42,26 @@ def times(r: float | None) -> str:
 
 
 def less_more(r: float | None) -> str:
-    """A ratio 'theirs / ours' as 'k× less' (pFedLoRA needs less) or 'k× more'."""
+    """A ratio 'theirs / ours' as 'k× less' (pFedLoRA needs less), 'k× more', or 'same' where it rounds to 1."""
     if missing(r):
         return "—"
+    if f"{r:.2f}" == "1.00" and f"{1 / r:.2f}" == "1.00":
+        return "same"
     return f"{r:.2f}× less" if r >= 1 else f"{1 / r:.2f}× more"
+
+
+def pm(mean: float | None, spread: float | None, digits: int = 2, scale: float = 100, sign: bool = False) -> str:
+    """'12.34 ± 0.56' (or '+1.20 ± 0.30' with sign) of a mean and a spread on the `scale` (100: percent)."""
+    if missing(mean):
+        return "—"
+    text = f"{scale * mean:+.{digits}f}" if sign else f"{scale * mean:.{digits}f}"
+    return text + (f" ± {scale * spread:.{digits}f}" if not missing(spread) else "")
+
+
+def common_over(acc: pd.DataFrame) -> str:
+    """What every row's ± is over, when they agree ('3 seeds'), else a pointer to the per-row counts."""
+    overs = set(acc["over"]) if "over" in acc and len(acc) else set()
+    return overs.pop() if len(overs) == 1 else "each row's seeds (Seeds column of accuracy_metrics)"
 
 
 def signed(points: float | None) -> str:
@@ -126,32 +142,47 @@ def final_accuracy_table(acc: pd.DataFrame, name: str = "final_accuracy", metric
     bold = pd.DataFrame({"Method": [False] * len(methods)})
     for g in groups:
         sub = acc[acc["group"] == g].set_index("method")
-        col = [pct(sub.loc[m, f"{metric}_mean"], sub.loc[m, f"{metric}_std"]) if m in sub.index else "—"
+        col = [pct(sub.loc[m, f"{metric}_mean"], sub.loc[m, f"{metric}_seed_std"]) if m in sub.index else "—"
                for m in methods]
         best = sub[f"{metric}_mean"].max() if len(sub) else math.nan
         display[g] = col
         bold[g] = [m in sub.index and sub.loc[m, f"{metric}_mean"] == best for m in methods]
-    seeds = sorted({int(s) for s in acc["seeds"]}) if len(acc) else []
-    title = (f"{what} mean test accuracy (%), mean ± std over {'/'.join(map(str, seeds))} seed(s); "
+    title = (f"{what} mean test accuracy (%), mean ± std across seeds over {common_over(acc)}; "
              "best per column in bold")
     return Table(name, title, display, acc, bold)
 
 
-def accuracy_metrics_table(acc: pd.DataFrame) -> Table:
-    """Final, best-over-rounds and validation-selected accuracy per (setting, method)."""
+def accuracy_metrics_table(acc: pd.DataFrame, name: str = "accuracy_metrics") -> Table:
+    """Final, best-over-rounds and validation-selected accuracy per (setting, method), unpaired mean ± std
+    across seeds, beside the paired difference of the final accuracy to the best baseline and its win count."""
+    paired = "paired_diff_points" in acc
     display = pd.DataFrame({
         "Setting": acc["group"], "Method": [display_name(m) for m in acc["method"]],
-        "Final": [pct(a, b) for a, b in zip(acc["final_acc_mean"], acc["final_acc_std"])],
-        "Best over rounds": [pct(a, b) for a, b in zip(acc["best_acc_mean"], acc["best_acc_std"])],
-        "Validation-selected": [pct(a, b) for a, b in zip(acc["val_selected_acc_mean"], acc["val_selected_acc_std"])],
-        "Seeds": acc["seed_list"],
+        "Final": [pct(a, b) for a, b in zip(acc["final_acc_mean"], acc["final_acc_seed_std"])],
+        "Best over rounds": [pct(a, b) for a, b in zip(acc["best_acc_mean"], acc["best_acc_seed_std"])],
+        "Validation-selected": [pct(a, b) for a, b in zip(acc["val_selected_acc_mean"],
+                                                          acc["val_selected_acc_seed_std"])],
     })
-    return Table("accuracy_metrics", "Test accuracy (%): final, best over rounds, and at the round of best "
-                 "validation accuracy (mean ± std over seeds)", display, acc)
+    if paired:
+        display["Final − best baseline, paired (points)"] = [
+            "best baseline" if missing(d) and missing(n) else pm(d, s, scale=1, sign=True)
+            for d, s, n in zip(acc["paired_diff_points"], acc["paired_diff_seed_std"], acc["paired_seeds"])]
+        display["Seeds won / tied / lost"] = [
+            "—" if missing(n) else f"{int(w)} / {int(t)} / {int(lo)}"
+            for w, t, lo, n in zip(acc["paired_wins"], acc["paired_ties"], acc["paired_losses"], acc["paired_seeds"])]
+    display["Seeds"] = acc["seeds"].astype(int)
+    notes = ["Final, best and validation-selected: mean ± std across seeds (unpaired; the seed-to-seed spread is "
+             "shared by all methods, since a seed fixes the partition)."]
+    if paired:
+        notes.append("Paired: the method's final accuracy minus the best baseline's, seed by seed, then mean ± "
+                     "std across those seeds; won / tied / lost counts the seeds.")
+    return Table(name, "Test accuracy (%): final, best over rounds, and at the round of best validation "
+                 f"accuracy; mean ± std across seeds over {common_over(acc)}", display, acc, notes=notes)
 
 
-def cost_table(cost: CostResult, name: str = "cost_to_target") -> Table:
+def cost_table(cost: CostResult, name: str = "cost_to_target", group: str = "") -> Table:
     t = cost.table
+    group = group or (str(t["group"].iloc[0]) if len(t) else "")
     target = "—" if cost.target is None else f"{100 * cost.target:.2f}%"
     display = pd.DataFrame({
         "Method": [display_name(m) for m in t["method"]],
@@ -170,40 +201,136 @@ def cost_table(cost: CostResult, name: str = "cost_to_target") -> Table:
     if cost.baseline is not None:
         bold.loc[list(t["method"]).index(cost.baseline), "Method"] = True
     notes = [f"Target: {target} ({cost.target_note}). Costs are cumulative up to the first round whose mean "
-             "accuracy (over seeds) reaches the target; computation = client training FLOPs, communication = "
-             "bytes up + down over all clients."]
+             "accuracy (mean over seeds) reaches the target, and are means over seeds; computation = client "
+             "training FLOPs, communication = bytes up + down over all clients. No spread is shown: one mean curve per method."]
     if cost.proposed is not None:
         notes.append("k× = the method's cost divided by pFedLoRA's (how many times less pFedLoRA needs); "
                      "Δacc = pFedLoRA's final accuracy minus the method's. Best baseline in bold.")
-    title = f"Rounds, computation and communication to reach {target} mean test accuracy"
+    title = f"Rounds, computation and communication to reach {target} mean test accuracy ({group})"
     return Table(name, title, display, t, bold, notes)
 
 
-def client_difference_table(diff: pd.DataFrame, ours: str, base: str, name: str = "client_difference") -> Table:
+def client_difference_table(diff: pd.DataFrame, ours: str, base: str, name: str = "client_difference",
+                            group: str = "") -> Table:
+    from reports.analysis import difference_summary
+
+    seeds = int(diff["seeds"].max()) if len(diff) else 1
     display = pd.DataFrame({
         "Client": diff["client"].astype(int), "Model": diff["arch"],
         f"{display_name(ours)} (%)": [pct(x) for x in diff["ours_acc"]],
         f"{display_name(base)} (%)": [pct(x) for x in diff["baseline_acc"]],
-        "Difference (points)": [signed(x) for x in diff["diff_points"]],
+        "Difference (points)": [pm(d, s, scale=1, sign=True) for d, s in zip(diff["diff_points"],
+                                                                              diff["diff_seed_std"])],
     })
-    better = int((diff["diff_points"] > 0).sum())
-    title = (f"Per-client final test accuracy, {display_name(ours)} minus the best baseline {display_name(base)} "
-             f"({better} of {len(diff)} clients better; mean {diff['diff_points'].mean():+.2f} points)")
-    return Table(name, title, display, diff)
+    s = difference_summary(diff)
+    weighted = ("" if missing(s["weighted_mean"])
+                else f"; weighted by test samples {s['weighted_mean']:+.2f}")
+    title = (f"Per-client final test accuracy, {display_name(ours)} minus the best baseline {display_name(base)}"
+             f"{' (' + group + ')' if group else ''}: better on {s['better']}, tied on {s['tied']}, worse on "
+             f"{s['worse']} of {s['clients']} clients; mean over clients {s['mean']:+.2f} points (unweighted"
+             f"{weighted})")
+    over = (f"mean over {seeds} seeds, paired by seed (± = std across seeds)" if seeds > 1 else "1 seed")
+    notes = [f"Per client: {over}. Tied = exactly equal accuracy."]
+    return Table(name, title, display, diff, notes=notes)
 
 
 def headline_table(head: pd.DataFrame, name: str = "headline") -> Table:
+    """Measured here, per setting, against the best baseline; the paper's claims in their own columns."""
+    from reports.analysis import PAPER_CLAIMS
+
+    claim = {k: v for k, v in PAPER_CLAIMS.items()}
     display = pd.DataFrame({
         "Setting": head["group"], "Best baseline": [display_name(b) for b in head["baseline"]],
         "Accuracy gain (points)": [signed(x) for x in head["acc_gain_points"]],
-        "Rounds to target": [less_more(x) for x in head["rounds_ratio"]],
-        "Computation to target": [less_more(x) for x in head["flops_ratio"]],
-        "Communication to target": [less_more(x) for x in head["bytes_ratio"]],
+        "Paper: accuracy": f"{claim['acc_gain_points']:+.2f}",
+        "Computation per round": [less_more(x) for x in head["flops_round_ratio"]],
+        "Computation to target": [less_more(x) for x in head["flops_target_ratio"]],
+        "Paper: computation": f"{claim['flops_ratio']:.2f}× less",
+        "Communication per round": [less_more(x) for x in head["bytes_round_ratio"]],
+        "Communication to target": [less_more(x) for x in head["bytes_target_ratio"]],
+        "Paper: communication": f"{claim['bytes_ratio']:.2f}× less",
         "Target": [f"{pct(t)}% ({k})" for t, k in zip(head["target"], head["target_kind"])],
     })
-    title = ("pFedLoRA against the best baseline, in the form of the paper's claims "
-             "(+1.35 points accuracy, 11.81× less computation, 7.41× less communication)")
-    return Table(name, title, display, head)
+    title = "pFedLoRA against the best baseline of each setting: measured here, beside the paper's claims"
+    notes = ["Measured columns: this report's runs (means over seeds; per round = totals / rounds run; to target "
+             "= cumulative to the first round reaching the target). Columns 'Paper: ...' are the pFedLoRA "
+             "paper's claimed figures, not measured here; the paper does not say in which setting, nor whether "
+             "its savings are per round or to a target."]
+    return Table(name, title, display, head, notes=notes)
+
+
+def claims_table(claims: pd.DataFrame, name: str = "claims", group: str = "") -> Table:
+    """One setting: rows = the measures of the paper's claims, a column with the paper's figure, then one
+    column per baseline with what was measured against it (best baseline first, in bold)."""
+    from reports.analysis import PAPER_CLAIMS
+
+    c = claims.sort_values("best_baseline", ascending=False, kind="stable")
+    measures = [("Final accuracy gain (points)", "acc_gain_points", signed, f"{PAPER_CLAIMS['acc_gain_points']:+.2f}"),
+                ("Computation per round", "flops_round_ratio", less_more, "—"),
+                ("Computation to target", "flops_target_ratio", less_more, f"{PAPER_CLAIMS['flops_ratio']:.2f}× less"),
+                ("Communication per round", "bytes_round_ratio", less_more, "—"),
+                ("Communication to target", "bytes_target_ratio", less_more, f"{PAPER_CLAIMS['bytes_ratio']:.2f}× less"),
+                ("Rounds to target", "rounds_target_ratio", less_more, "—")]
+    display = pd.DataFrame({"Measure (pFedLoRA vs ...)": [m[0] for m in measures],
+                            "Paper's claim (vs best baseline)": [m[3] for m in measures]})
+    for _, row in c.iterrows():
+        label = display_name(row["baseline"]) + (" (best baseline)" if row["best_baseline"] else "")
+        display[label] = [fmt(row[col]) for _, col, fmt, _ in measures]
+    bold = pd.DataFrame(False, index=display.index, columns=display.columns)
+    if len(c) and c["best_baseline"].iloc[0]:
+        bold.iloc[:, 2] = True
+    notes = [requirement_note(c)]
+    title = f"The paper's claims against this setting's measurements ({group or c['group'].iloc[0]})"
+    return Table(name, title, display, claims, bold, notes)
+
+
+def requirement_note(c: pd.DataFrame) -> str:
+    """What the paper's claims would require, stated with the measured per-round ratios of the best baseline."""
+    from reports.analysis import PAPER_CLAIMS
+
+    best = c[c["best_baseline"]]
+    if not len(best):
+        return "No baseline in this setting: the claims cannot be checked."
+    row = best.iloc[0]
+    name = display_name(row["baseline"])
+    parts = [f"What the claims would require against {name}: a final accuracy {PAPER_CLAIMS['acc_gain_points']:+.2f} "
+             f"points above it (measured {signed(row['acc_gain_points'])})"]
+    for kind, what in (("flops", "computation"), ("bytes", "communication")):
+        per, need = row[f"{kind}_round_ratio"], row[f"{kind}_rounds_ratio_needed"]
+        if missing(per) or missing(need):
+            parts.append(f"{what}: no per-round ratio ({name} or pFedLoRA spends none)")
+            continue
+        parts.append(f"{PAPER_CLAIMS[kind + '_ratio']:.2f}× less {what}: per round pFedLoRA needs {less_more(per)}, "
+                     f"so it would have to reach the target in {need:.2f}× fewer rounds than {name}"
+                     + (" (measured: not both reached the target)" if missing(row["rounds_target_ratio"])
+                        else f" (measured: {less_more(row['rounds_target_ratio'])})"))
+    return "; ".join(parts) + ". A per-round saving alone can only give the claims where the per-round ratio " \
+        "already equals them."
+
+
+def cost_normalised_table(table: pd.DataFrame, budgets: dict, name: str = "cost_normalised", group: str = "") -> Table:
+    """Accuracy at matched budgets and the worst clients, with 95% confidence intervals over seeds."""
+    def ci(col: str) -> list[str]:
+        return [pct(m, h) for m, h in zip(table[col], table[f"{col}_ci"])]
+
+    display = pd.DataFrame({"Method": [display_name(m) for m in table["method"]],
+                            "Final": ci("final_acc"), "Worst clients (10th percentile)": ci("worst_client_acc"),
+                            "Within the FLOPs budget": ci("acc_at_flops_budget"),
+                            "Within the bytes budget": ci("acc_at_bytes_budget"),
+                            "Seeds": table["seeds"].astype(int)})
+    notes = []
+    for kind, what in (("flops", "FLOP"), ("bytes", "B")):
+        b = budgets[kind]
+        if b.budget is None:
+            notes.append(f"{kind} budget: none (no method spends any)")
+            continue
+        notes.append(f"{'FLOPs' if kind == 'flops' else 'Bytes'} budget {eng(b.budget, what)}: what "
+                     f"{display_name(b.cheapest)}, the cheapest, needed to first reach its own final mean accuracy; "
+                     "each method's accuracy at its last round within it ('—': its first round costs more)")
+    notes.append("Values: mean over seeds ± the half-width of the 95% Student-t confidence interval across seeds "
+                 "(none with one seed). Worst clients: the 10th percentile of the clients' final accuracy, per seed.")
+    title = f"Accuracy (%) at matched computation and communication budgets, and of the worst clients ({group})"
+    return Table(name, title, display, table, notes=notes)
 
 
 def sweep_table(df: pd.DataFrame, x: str, xlabel: str, name: str, title: str) -> Table:
@@ -215,8 +342,8 @@ def sweep_table(df: pd.DataFrame, x: str, xlabel: str, name: str, title: str) ->
     for v in values:
         sub = df[df[x] == v].set_index("method")
         label = f"{xlabel}={v:g}" if isinstance(v, (int, float)) else f"{xlabel}={v}"
-        display[label] = [pct(sub.loc[m, "final_acc_mean"], sub.loc[m, "final_acc_std"]) if m in sub.index else "—"
-                          for m in methods]
+        display[label] = [pct(sub.loc[m, "final_acc_mean"], sub.loc[m, "final_acc_seed_std"]) if m in sub.index
+                          else "—" for m in methods]
         best = sub["final_acc_mean"].max()
         bold[label] = [m in sub.index and sub.loc[m, "final_acc_mean"] == best for m in methods]
     return Table(name, title, display, df, bold if len(methods) > 1 else None)

@@ -14,6 +14,7 @@ from bench.errors import UserError
 from data import DeviceData, load_dataset, partition, synthetic_dataset, validate_arrays
 
 SHARED_CIFAR10 = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10"
+SHARED_CIFAR100 = SHARED_CIFAR10.parent / "cifar100"
 
 # CIFAR-like label arrays: 10 classes, 5000 train and 1000 test images each.
 Y_TRAIN = np.repeat(np.arange(10), 5000)
@@ -246,8 +247,70 @@ def test_npz_not_a_file(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_dataset(str(tmp_path / "nothing.npz"))
     (tmp_path / "junk.npz").write_text("not a zip")
-    with pytest.raises(UserError, match="cannot read"):
+    with pytest.raises(UserError, match=r"not a valid .npz dataset \(a text file\)"):
         load_dataset(str(tmp_path / "junk.npz"))
+
+
+@pytest.mark.parametrize("kind, content", [
+    ("a text file", b"x_train,y_train\n1,2\n"),
+    ("a single .npy array", None),
+    ("an empty file", b""),
+    ("not a zip archive", bytes(range(256))),
+])
+def test_a_file_that_is_not_an_npz_is_named_for_what_it_is(tmp_path, kind, content):
+    """Issue 17: a text file given as a dataset was reported as "pickled data ... allow_pickle"."""
+    path = tmp_path / "data.npz"
+    if content is None:
+        with open(path, "wb") as f:
+            np.save(f, np.zeros(3))
+    else:
+        path.write_bytes(content)
+    with pytest.raises(UserError) as err:
+        load_dataset(str(path))
+    message = str(err.value)
+    assert "\n" not in message and "pickle" not in message
+    assert f"not a valid .npz dataset ({kind})" in message
+    assert "numpy.savez" in message and "x_train, y_train, x_test, y_test" in message  # what is expected
+
+
+def test_an_npz_with_object_arrays_does_not_suggest_allow_pickle(tmp_path):
+    arrays = good_arrays()
+    np.savez(tmp_path / "obj.npz", **{**arrays, "x_train": np.array([object()] * 3, dtype=object)})
+    with pytest.raises(UserError) as err:
+        load_dataset(str(tmp_path / "obj.npz"))
+    assert "allow_pickle" not in str(err.value) and "Python objects" in str(err.value)
+
+
+def test_labels_from_one_say_class_zero_is_empty(tmp_path):
+    """Issue 17: labels 1..10 were reported as "11 classes" without saying class 0 is empty."""
+    arrays = good_arrays(k=10, n=40)
+    arrays["y_train"], arrays["y_test"] = arrays["y_train"] + 1, arrays["y_test"] + 1
+    with pytest.raises(UserError) as err:
+        load_dataset(str(write_npz(tmp_path / "from1.npz", **arrays)))
+    message = str(err.value)
+    assert "\n" not in message
+    for words in ("labels 1..10", "11 classes", "class 0 has no training image", "relabel to 0..9 (y - 1)"):
+        assert words in message, words
+    # Gaps elsewhere are named too; a classes key naming every label is the user's explicit choice.
+    arrays = good_arrays(k=4)
+    arrays["y_train"] = np.where(arrays["y_train"] == 2, 3, arrays["y_train"])
+    with pytest.raises(UserError, match="class 2 has no training image"):
+        load_dataset(str(write_npz(tmp_path / "gap.npz", **arrays)))
+    ds = load_dataset(str(write_npz(tmp_path / "named.npz", **arrays, classes=np.array(list("abcd")))))
+    assert ds.num_classes == 4
+
+
+def test_every_source_says_which_split_it_is(tmp_path):
+    arrays = good_arrays()
+    assert load_dataset(str(write_npz(tmp_path / "mine.npz", **arrays))).split == "as given"
+    assert load_dataset(str(write_npz(tmp_path / "sub.npz", **arrays, split=np.array("official")))).split == "official"
+    assert load_dataset("synthetic").split == "generated"
+    # A <data-dir>/cifar10.npz that is not one of the known copies: not passed off as the official split.
+    fake = {**arrays, "x_train": np.zeros((10, 32, 32, 3), np.uint8), "y_train": np.arange(10),
+            "x_test": np.zeros((10, 32, 32, 3), np.uint8), "y_test": np.arange(10)}
+    write_npz(tmp_path / "cifar10.npz", **fake)
+    ds = load_dataset("cifar10", tmp_path, download=False)
+    assert ds.split == "unknown" and "not recognised" in ds.split_note
 
 
 def test_validate_arrays_accepts_good_arrays():
@@ -289,13 +352,36 @@ def test_synthetic_is_learnable():
     assert (dists.argmin(1) == ds.y_test).mean() > 0.8
 
 
+def unpacked(pytestconfig, name: str) -> Path:
+    """The shared copy of `name` unpacked once into .pytest_cache (the folder holding <name>.npz)."""
+    folder = pytestconfig.cache.mkdir(name)
+    if not (folder / f"{name}.npz").exists():
+        unpack = SHARED_CIFAR10.parent / "unpack.py"
+        subprocess.run([sys.executable, str(unpack), str(SHARED_CIFAR10.parent / name), str(folder / f"{name}.npz")],
+                       check=True)
+    return folder
+
+
+@pytest.mark.skipif(not SHARED_CIFAR100.is_dir(), reason="no ../shared/data/cifar100 here")
+def test_real_cifar100_offline_is_the_documented_resplit(pytestconfig):
+    ds = load_dataset("cifar100", unpacked(pytestconfig, "cifar100"), download=False)
+    assert ds.x_train.shape == (50000, 32, 32, 3) and ds.x_test.shape == (10000, 32, 32, 3)
+    assert ds.num_classes == 100 and ds.classes[:3] == ["apple", "aquarium_fish", "baby"]
+    assert (np.bincount(ds.y_train) == 500).all() and (np.bincount(ds.y_test) == 100).all()
+    assert ds.mean == (0.5071, 0.4865, 0.4409)  # the protocol's statistics
+    assert ds.split == "re-split" and "NOT the official split" in ds.split_note
+    # 10 classes per client (SPEC for CIFAR-100), N = 10: every client holds 10 classes in train, val and test.
+    splits = partition(ds.y_train, ds.y_test, 10, classes_per_client=10, seed=0)
+    for s in splits:
+        assert len(np.unique(ds.y_train[s.train.numpy()])) == 10
+    check_cover(splits, ds.y_train, ds.y_test)
+    check_same_distribution(splits, ds.y_train, ds.y_test)
+
+
 @pytest.mark.skipif(not SHARED_CIFAR10.is_dir(), reason="no ../shared/data/cifar10 here")
 def test_real_cifar10(pytestconfig):
-    folder = pytestconfig.cache.mkdir("cifar10")  # unpacked once, kept in .pytest_cache
-    if not (folder / "cifar10.npz").exists():
-        unpack = SHARED_CIFAR10.parent / "unpack.py"
-        subprocess.run([sys.executable, str(unpack), str(SHARED_CIFAR10), str(folder / "cifar10.npz")], check=True)
-    ds = load_dataset("cifar10", folder, download=False)
+    ds = load_dataset("cifar10", unpacked(pytestconfig, "cifar10"), download=False)
+    assert ds.split == "official"
     assert ds.x_train.shape == (50000, 32, 32, 3) and ds.x_test.shape == (10000, 32, 32, 3)
     assert ds.classes[:2] == ["airplane", "automobile"] and ds.num_classes == 10
     assert ds.mean == (0.485, 0.456, 0.406) and ds.std == (0.229, 0.224, 0.225)  # the protocol's, not measured
@@ -411,3 +497,9 @@ def test_gather_augmentation_equals_advanced_indexing_bitwise():
         a = data.crop_and_flip(x, torch.Generator().manual_seed(3))
         b = indexed_crop_and_flip(x, torch.Generator().manual_seed(3))
         assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_partition_files_record_the_split_they_index():
+    from data.portable import dataset_info
+
+    assert dataset_info(synthetic_dataset(train_size=40, test_size=10))["split"] == "generated"

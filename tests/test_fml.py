@@ -171,6 +171,21 @@ def test_server_meme_is_the_weighted_mean_of_the_uploads(aggregation):
         assert torch.equal(down[name], tensor)
 
 
+def test_batched_training_still_trains_the_clients_one_after_the_other():
+    """Every client trains the one working meme in turn (batchable_clients = False): with batched_training
+    the round is the sequential one, model by model (in lockstep each client would start from the meme the
+    previous one is still training)."""
+    sims = {batched: make_sim(batched_training=batched) for batched in (False, True)}
+    uploads = {batched: captured_round(sim) for batched, sim in sims.items()}
+    assert len(uploads[True]) == 5
+    for cid, up in uploads[False].items():
+        for name, tensor in up.items():
+            assert torch.equal(uploads[True][cid][name], tensor), (cid, name)
+    for seq, bat in zip(sims[False].clients, sims[True].clients):
+        for name, tensor in params_of(seq.state["model"]).items():
+            assert torch.equal(params_of(bat.state["model"])[name], tensor), (seq.id, name)
+
+
 def test_profiles_select_the_reference_options():
     assert make_simulation("fml").algo.hp.aggregation == "samples"
     official = make_simulation("fml", profile="official").algo.hp

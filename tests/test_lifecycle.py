@@ -211,3 +211,40 @@ def test_the_ray_worker_forwards_what_the_driver_replays():
     assert driver_run.params == {"p": 1} and [h["step"] for h in driver_run.history] == [0, 1]
     with pytest.raises(ValueError):
         replay("bogus", ("a-seed0",), driver_run, CallbackList([]))
+
+
+def test_a_failing_estimate_never_stops_the_run(small_npz, tmp_path, monkeypatch, capsys):
+    """The up-front estimate is a convenience: if it raises, the run says so in its line and goes on."""
+    from bench.runner import Invocation
+    from tests.conftest import bench_main
+
+    def broken(self):
+        raise RuntimeError("Kernel size can't be greater than actual input size")
+    monkeypatch.setattr(Invocation, "estimate", broken)
+    code, _, err = bench_main(monkeypatch, capsys, "run", "--algo", "standalone", "--dataset", str(small_npz),
+                              "--clients", "3", "--rounds", "1", "--model-group", "cnn5-homo", "--output-dir",
+                              str(tmp_path), "--run-name", "e")
+    assert code == 0, err
+    assert "estimated time: estimate unavailable (RuntimeError: Kernel size can't be greater" in err
+    assert (tmp_path / "e" / "runs" / "standalone-seed0" / "summary.json").exists()
+
+
+def test_an_interrupt_ends_the_run_killed_for_every_callback(invocation):
+    """Ctrl-C (or SIGTERM: a KeyboardInterrupt too) inside a round: each callback hears the run end KILLED,
+    the folder keeps its rounds, and the interrupt goes on up (the executor ends the invocation KILLED)."""
+    inv = invocation(checkpoint_every=1)
+    [spec] = inv.pending
+    log: list = []
+
+    class Interrupt(Callback):
+        def on_round_end(self, run, step, metrics):
+            if step == 2:
+                raise KeyboardInterrupt
+    callbacks = ordered(record=CallbackList([ResultsFolderCallback(inv.store), Interrupt()]),
+                        checkpoint=CheckpointCallback(1), mirror=Recorder("mirror", log))
+    with pytest.raises(KeyboardInterrupt):
+        execute_run(spec, inv.env, callbacks)
+    assert log[-1] == ("mirror", "run_end", "KILLED", None)
+    assert inv.store.summary(spec.key)["status"] == "KILLED"
+    assert [int(r["step"]) for r in inv.store.rows(spec.key)] == [0, 1, 2]
+    assert spec.checkpoint.is_dir()  # the checkpoint of round 1 is kept for the resume

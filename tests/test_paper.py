@@ -166,6 +166,15 @@ def test_recipes_reuse_finished_runs_extend_and_rerun_unfinished(tiny, monkeypat
     assert "![" in index and "(t1/t1_final_accuracy.png)" in index and "(cost/cost_to_target-" in index
     t1_table = pd.read_csv(tiny.out / "t1" / "t1_final_accuracy.csv")
     assert set(t1_table["seeds"]) == {2} and set(t1_table["method"]) == {"pfedlora", "standalone"}
+    # Not the full scale: every table and every setting (so every figure title) says so, once.
+    for name in ("t1", "cost"):
+        for section in json.loads((tiny.out / name / "outputs.json").read_text()):
+            for item in section["items"]:
+                if item["kind"] == "table":
+                    assert item["title"].count("TINY scale (1 rounds)") == 1, item["title"]
+    assert all(g.endswith("· TINY scale (1 rounds)") for g in t1_table["group"])
+    head = (tiny.out / "cost" / "cost_headline.md").read_text()
+    assert "Paper: computation" in head and "11.81" not in head.splitlines()[0]
 
 
 def test_a_recipe_with_real_runs(tiny, monkeypatch):

@@ -319,11 +319,12 @@ def test_local_inference_predicts_with_the_private_model_alone():
         assert the_call(seen, "eval", cid)["loss"] == pytest.approx(loss, rel=1e-4)
 
 
-@pytest.mark.parametrize("mode, batched", [("client", True), ("shared", False)])
+@pytest.mark.parametrize("mode, batched", [("client", True), ("shared", False), ("shared", True)])
 def test_persistent_optimizer_keeps_the_adapters_momentum(mode, batched):
     """Two rounds: the adapter's SGD starts from the momentum that phase 2 left, the client's own (client;
-    zero until its first round) or the previous trained client's (shared, in training order). The batched
-    path cannot keep momentum, so it must fall back to the sequential one."""
+    zero until its first round) or the previous trained client's (shared, in training order). Phase 2 with a
+    kept momentum is not a plain phase, so batched_training runs it sequentially; with "shared" the clients
+    also run one after the other (each starts from the momentum the previous one left)."""
     overrides = dict(batched_training=True) if batched else {}
     sim = hand_sim({"persistent_optimizer": mode}, model_group="cnn5-homo", **overrides)
     randomise(sim)

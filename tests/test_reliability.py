@@ -69,7 +69,8 @@ BAD_INPUTS = [
     (["run", "--dataset", "synthetic:4", "--classes-per-client", "5"],
      "classes_per_client=5 exceeds the 4 classes of synthetic:4; valid: 1..4"),
     (["run", "--partition", "file:{d}/nothing.json"], "partition file {d}/nothing.json does not exist"),
-    (["run", "--partition", "iid", "--clients", "400"], "partition leaves client"),
+    (["run", "--partition", "iid", "--clients", "400"], "num_clients=400 exceeds the 240 training samples"),
+    (["run", "--partition", "label-skew", "--clients", "200"], "partition leaves client"),
     (["run", "--dataset", "{d}/no_y_test.npz"], "missing key(s) y_test; an .npz dataset needs x_train, y_train, "
                                                 "x_test, y_test"),
     (["run", "--dataset", "{d}/float_images.npz"], "x_train has dtype float32; expected uint8 images (0-255)"),

@@ -18,9 +18,9 @@ from reports.report import run_report
 from reports.results import group_runs, label_runs, load_folder
 from reports.synthetic import fresh_mlflow_store, tiny_npz, write_synthetic_results
 
-FIGURES = ("accuracy_vs_round", "accuracy_vs_flops", "accuracy_vs_bytes", "final_accuracy", "client_difference",
-           "cost_to_target")
-TABLES = ("final_accuracy", "accuracy_metrics", "cost_to_target", "client_difference", "headline")
+FIGURES = ("accuracy_vs_round", "accuracy_vs_cost", "final_accuracy", "client_difference", "cost_to_target")
+TABLES = ("final_accuracy", "accuracy_metrics", "cost_to_target", "client_difference", "headline", "claims",
+          "cost_normalised")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -83,7 +83,7 @@ def test_accuracy_curves_draw_the_mean_over_seeds_of_metrics_csv(synthetic):
         nbytes = np.mean([f["cum_bytes_up"] + f["cum_bytes_down"] for f in frames], axis=0)
         d = data[data["method"] == method]
         np.testing.assert_allclose(d["acc"], acc)
-        np.testing.assert_allclose(d["acc_std"], std)
+        np.testing.assert_allclose(d["acc_seed_std"], std)  # across seeds: named so, never plain acc_std
         np.testing.assert_allclose(d["cum_train_flops"], flops)
         np.testing.assert_allclose(d["cum_bytes"], nbytes)
         x, y = lines_round[method]
@@ -97,10 +97,17 @@ def test_accuracy_curves_draw_the_mean_over_seeds_of_metrics_csv(synthetic):
     # Standalone communicates nothing: a level at its final accuracy, not a line on the log axis.
     assert "standalone" not in lines_bytes
     np.testing.assert_allclose(lines_bytes["standalone:level"][1], 100 * data[data["method"] == "standalone"]["acc"].iloc[-1])
-    for fig in (fig_flops, fig_bytes):
+    for fig, column in ((fig_flops, "cum_train_flops"), (fig_bytes, "cum_bytes")):
         ax = fig.axes[0]
         assert ax.get_xscale() == "log" and "log scale" in ax.get_xlabel() and "(%)" in ax.get_ylabel()
         assert "N=8, C=100%" in ax.get_title()
+        positive = data[column][data[column] > 0]
+        low, high = ax.get_xlim()  # limited to the data, not decades past it
+        assert positive.min() / 1.31 <= low <= positive.min() and positive.max() <= high <= positive.max() * 1.31
+    # The report's one figure of both: two panels, the same curves, each method's line tagged by panel.
+    both = plots.drawn_lines(plots.accuracy_vs_costs(curves, group.label))
+    np.testing.assert_allclose(both["pfedlora@flops"][0], lines_flops["pfedlora"][0])
+    np.testing.assert_allclose(both["pfedlora@bytes"][0], lines_bytes["pfedlora"][0])
 
 
 def test_one_colour_per_method_across_figures(synthetic):
@@ -112,10 +119,11 @@ def test_one_colour_per_method_across_figures(synthetic):
         for line in fig.axes[0].get_lines():
             if line.get_gid():
                 colours.setdefault(line.get_gid().split(":")[0], set()).add(line.get_color())
-    fig = plots.final_accuracy_bars(analysis.accuracy_table([group]), "t")
-    for patch in fig.axes[0].patches:
-        if patch.get_gid():
-            colours[patch.get_gid()].add(matplotlib_hex(patch.get_facecolor()))
+    fig = plots.final_accuracy_dots(analysis.accuracy_table([group]), "t", analysis.paired_differences(group))
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            if line.get_gid():
+                colours[line.get_gid()].add(matplotlib_hex(line.get_color()))
     for method, seen in colours.items():
         assert {c.lower() for c in seen} == {plots.method_color(method)}, method
     from bench.registry import algorithms
@@ -137,14 +145,14 @@ def test_pngs_show_each_method(synthetic):
     d = root / "plots"
     for stem in FIGURES:
         img = np.asarray(Image.open(d / f"{stem}.png").convert("L"))
-        assert img.shape[0] > 300 and img.shape[1] > 600, stem
+        assert img.shape[0] > 400 and img.shape[1] >= 700, stem
         assert (img < 250).mean() > 0.02, f"{stem} looks blank"
     for method in ("pfedlora", "fedgh", "standalone"):
         colour = plots.method_color(method)
         assert colour_pixels(d / "accuracy_vs_round.png", colour) > 150, method
-        assert colour_pixels(d / "final_accuracy.png", colour, tol=40) > 1500, method  # a bar, alpha 0.9
+        assert colour_pixels(d / "final_accuracy.png", colour, tol=40) > 60, method  # a dot and its error bar
     assert colour_pixels(d / "accuracy_vs_round.png", plots.method_color("fedkd")) == 0  # not in this report
-    assert colour_pixels(d / "accuracy_vs_flops.png", plots.method_color("standalone")) > 150
+    assert colour_pixels(d / "accuracy_vs_cost.png", plots.method_color("standalone")) > 150
 
 
 def test_final_accuracy_and_client_difference_bars_match_tables(synthetic):
@@ -154,13 +162,22 @@ def test_final_accuracy_and_client_difference_bars_match_tables(synthetic):
     for method in ("pfedlora", "fedgh", "standalone"):
         finals = [f["acc_mean"].iloc[-1] for f in seed_frames(root, method)]
         assert acc.loc[method, "final_acc_mean"] == pytest.approx(np.mean(finals))
-        assert acc.loc[method, "final_acc_std"] == pytest.approx(np.std(finals, ddof=1))
+        assert acc.loc[method, "final_acc_seed_std"] == pytest.approx(np.std(finals, ddof=1))
         summaries = [json.loads(p.read_text()) for p in sorted((root / "runs").glob(f"{method}-seed*/summary.json"))]
         assert acc.loc[method, "best_acc_mean"] == pytest.approx(np.mean([s["best_acc"] for s in summaries]))
         assert acc.loc[method, "val_selected_acc_mean"] == pytest.approx(
             np.mean([s["val_selected_acc"] for s in summaries]))
-    bars = plots.drawn_bars(plots.final_accuracy_bars(analysis.accuracy_table([group]), "t"))
-    assert bars == pytest.approx({m: 100 * acc.loc[m, "final_acc_mean"] for m in acc.index})
+    dots = plots.drawn_lines(plots.final_accuracy_dots(analysis.accuracy_table([group]), "t"), 0)
+    assert {m: xy[0][0] for m, xy in dots.items()} == pytest.approx({m: 100 * acc.loc[m, "final_acc_mean"]
+                                                                      for m in acc.index})
+    # Paired by seed against the best baseline (FedGH): the differences of the seeds' final accuracies.
+    fedgh = [f["acc_mean"].iloc[-1] for f in seed_frames(root, "fedgh")]
+    for method in ("pfedlora", "standalone"):
+        diffs = 100 * (np.array([f["acc_mean"].iloc[-1] for f in seed_frames(root, method)]) - fedgh)
+        assert acc.loc[method, "paired_diff_points"] == pytest.approx(diffs.mean())
+        assert acc.loc[method, "paired_diff_seed_std"] == pytest.approx(diffs.std(ddof=1))
+        assert acc.loc[method, "paired_wins"] == (diffs > 0).sum()
+    assert np.isnan(acc.loc["fedgh", "paired_diff_points"])
 
     diff = pd.read_csv(root / "plots" / "client_difference.csv")
     ours = [pd.read_csv(p) for p in sorted((root / "runs").glob("pfedlora-seed*/clients.csv"))]
@@ -169,8 +186,9 @@ def test_final_accuracy_and_client_difference_bars_match_tables(synthetic):
     np.testing.assert_allclose(diff.sort_values("client")["diff_points"], expected)
     table, o, b = analysis.client_difference(group)
     assert (o, b) == ("pfedlora", "fedgh")
-    drawn = plots.drawn_bars(plots.client_difference_bars(table, o, b, "t"))
-    assert drawn == pytest.approx({f"client{c}": v for c, v in zip(diff["client"], diff["diff_points"])})
+    drawn = plots.drawn_lines(plots.client_difference_dots(table, o, b, "t"))
+    assert {k: xy[1][0] for k, xy in drawn.items()} == pytest.approx(
+        {f"client{c}": v for c, v in zip(diff["client"], diff["diff_points"])})
 
 
 def test_cost_to_target_falls_back_to_the_best_baseline_and_gives_ratios(synthetic, tmp_path):
@@ -198,8 +216,8 @@ def test_cost_to_target_falls_back_to_the_best_baseline_and_gives_ratios(synthet
         100 * (cost.loc["pfedlora", "final_acc"] - cost.loc["fedgh", "final_acc"]))
     text = (root / "plots" / "cost_to_target.md").read_text()
     assert "best baseline's final accuracy (FedGH" in text and "fixed 90% not reached" in text
-    bars = plots.drawn_bars(plots.cost_bars(analysis.cost_to_target(group), "t"))
-    assert bars["pfedlora"] == cost.loc["pfedlora", "rounds_to_target"]
+    dots = plots.drawn_lines(plots.cost_dots(analysis.cost_to_target(group), "t"), 0)
+    assert dots["pfedlora"][0][0] == cost.loc["pfedlora", "rounds_to_target"]
 
     # A target everyone reaches is used as is.
     low = write_synthetic_results(tmp_path, "low", methods=("pfedlora", "fedgh"), seeds=(0,), rounds=6, target=0.3)
@@ -249,8 +267,8 @@ def test_report_equals_results_folder_and_mlflow_for_a_real_run(tmp_path):
     runs = client.search_runs([exp.experiment_id])
     parent = next(r for r in runs if r.data.tags.get("bench.kind") == "invocation")
     logged = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"report.md", "accuracy_vs_round.png", "accuracy_vs_flops.pdf", "accuracy_vs_bytes.png",
-            "cost_to_target.tex", "final_accuracy.csv", "accuracy_curves.csv"} <= logged
+    assert {"report.md", "accuracy_vs_round.png", "accuracy_vs_cost.pdf", "accuracy_vs_cost.png",
+            "cost_to_target.tex", "final_accuracy.csv", "accuracy_curves.csv", "claims.md"} <= logged
     for method in ("pfedlora", "standalone"):
         metrics = pd.read_csv(root / "runs" / f"{method}-seed0" / "metrics.csv")
         summary = json.loads((root / "runs" / f"{method}-seed0" / "summary.json").read_text())
@@ -296,7 +314,7 @@ def test_bench_report_cli_compares_settings(tmp_path, monkeypatch):
     for suffix in ("cifar-10-n-10-c-100-2-classes-client", "cifar-10-n-50-c-20-2-classes-client"):
         assert (out / f"accuracy_vs_round-{suffix}.png").exists()
         assert (out / f"cost_to_target-{suffix}.md").exists()
-    assert (out / "report.md").read_text().count("![") == 2 * 6
+    assert (out / "report.md").read_text().count("![") == 2 * len(FIGURES)
     bad = CliRunner().invoke(cli, ["report", str(tmp_path / "nope")])
     assert bad.exit_code != 0
     assert a.exists() and b.exists()

@@ -46,9 +46,20 @@ def is_transient(err: BaseException) -> bool:
     return any(s in str(err).lower() for s in TRANSIENT)
 
 
+def silence_store_setup() -> None:
+    """Keep MLflow's notes on creating and migrating a new sqlite store ("Creating initial MLflow database
+    tables...", INFO) off the user's terminal. mlflow configures its loggers when first imported, so it is
+    imported first: set before, the level would be reset by that import."""
+    import mlflow  # noqa: F401
+
+    for name in ("mlflow.store.db.utils", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 @contextlib.contextmanager
 def quiet_mlflow_logs() -> Iterator[None]:
     """MLflow logs its own retries (multi-line); we report a failure once, in our words."""
+    silence_store_setup()  # imports mlflow first: its import would undo the levels set below
     loggers = [logging.getLogger(n) for n in ("mlflow", "alembic", "sqlalchemy")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
@@ -84,6 +95,7 @@ class MlflowConnection:
     def __init__(self, tracking_uri: str):
         from mlflow.tracking import MlflowClient
 
+        silence_store_setup()
         self.tracking_uri = tracking_uri
         self.retry_seconds = float(os.environ.get("BENCH_MLFLOW_RETRY_SECONDS", "60"))
         self.values_logged = 0

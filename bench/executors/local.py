@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
 
-from bench.errors import UserError
+from bench.errors import UserError, mark_interrupted
 from bench.executors import Executor
 from bench.progress import Progress, fmt_duration
 
@@ -37,14 +37,27 @@ class LocalExecutor(Executor):
         try:
             inv.begin(progress)
             if inv.pending:
-                estimate = inv.estimate()
-                progress.echo("estimated time: " + ", ".join(f"{k} ~{fmt_duration(v)}" for k, v in estimate.items())
-                              + f"; total ~{fmt_duration(sum(estimate.values()))}")
+                progress.echo(estimate_line(inv))
             for spec in inv.pending:
                 inv.execute(spec)
+        except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: the runs so far are kept, MLflow's marked KILLED
+            inv.abort("KILLED")
+            mark_interrupted(err, inv.root)
+            raise
         except BaseException:
             inv.abort()
             raise
         finally:
             torch.set_num_threads(threads_before)  # the option is per run, not for the rest of this process
         return inv.close(progress)
+
+
+def estimate_line(inv: Invocation) -> str:
+    """The up-front time estimate of the pending runs, as a progress line. An estimate is a convenience: one
+    that fails says so and never stops the run."""
+    try:
+        estimate = inv.estimate()
+    except Exception as err:
+        return f"estimated time: estimate unavailable ({type(err).__name__}: {err})"
+    return ("estimated time: " + ", ".join(f"{k} ~{fmt_duration(v)}" for k, v in estimate.items())
+            + f"; total ~{fmt_duration(sum(estimate.values()))}")

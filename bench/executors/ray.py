@@ -12,6 +12,7 @@ completes. Every setting is planned, and its folder taken, before anything runs.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from bench.callbacks import RunInfo
 from bench.callbacks.forward import ForwardingCallback, replay
-from bench.errors import UserError
+from bench.errors import UserError, mark_interrupted
 from bench.executors import Executor
 from bench.progress import Progress, fmt_duration
 
@@ -154,10 +155,13 @@ class RayExecutor(Executor):
             grid = RayGrid(invocations, progress)
             self.run_grid(ray, grid, gpus, estimate)
             return [inv.close(progress) for inv in invocations]
-        except BaseException:
+        except BaseException as err:
+            interrupted = isinstance(err, KeyboardInterrupt)  # Ctrl-C or SIGTERM: runs so far kept, marked KILLED
             for inv in invocations:
                 if len(inv.outcome.summaries) < len(inv.runs):
-                    inv.abort()
+                    inv.abort("KILLED" if interrupted else "FAILED")
+                    if interrupted:
+                        mark_interrupted(err, inv.root)
             raise
         finally:
             for inv in invocations:
@@ -173,6 +177,8 @@ class RayExecutor(Executor):
         torch.set_num_threads(inv.cfg.threads or max(1, int(self.options.cpus_per_run)))
         try:
             return sum(inv.estimate().values())
+        except Exception:  # an estimate is a convenience: one that fails never stops the grid
+            return math.nan
         finally:
             torch.set_num_threads(threads)
 
@@ -191,9 +197,11 @@ class RayExecutor(Executor):
                 refs[ref] = grid.runs[(i, spec.key)] = GridRun(i, info)
         cpus = float(ray.cluster_resources().get("CPU", 1))
         parallel = max(1, min(len(refs), int(cpus // options.cpus_per_run)))
+        timing = (f"estimated ~{fmt_duration(estimate)} of compute (timed on the driver's CPU), "
+                  f"~{fmt_duration(estimate / parallel)} with {parallel} in parallel") if math.isfinite(estimate) \
+            else "estimate unavailable"
         progress.echo(f"ray: {len(refs)} runs as tasks ({options.cpus_per_run:g} CPU, {gpus:g} GPU each) on {cpus:g} "
-                      f"CPUs; estimated ~{fmt_duration(estimate)} of compute (timed on the driver's CPU), "
-                      f"~{fmt_duration(estimate / parallel)} with {parallel} in parallel")
+                      f"CPUs; {timing}")
         pending = list(refs)
         while pending:
             done, pending = ray.wait(pending, num_returns=len(pending), timeout=0.2)

@@ -37,11 +37,9 @@ MUTATIONS = [
       "        return F.cross_entropy(lam * p + (1 - lam) * s, y)",
       "        return F.cross_entropy((1 - lam) * p + lam * s, y)"),
     m("P and S share one optimizer (one clipping group)",
-      "self.ctx.train(client, [private, shared], self.loss_fn(client)",
-      "self.ctx.train(client, [[private, shared]], self.loss_fn(client)"),
+      '[private, shared], self.ctx.cfg.local_epochs,', '[[private, shared]], self.ctx.cfg.local_epochs,'),
     m("local training on the whole train split (held-out samples included)",
-      "self.ctx.cfg.local_epochs,\n                       phase=f\"mutual-{self.hp.shared_arch}\", indices=train_part)",
-      "self.ctx.cfg.local_epochs,\n                       phase=f\"mutual-{self.hp.shared_arch}\")"),
+      "loss=self.loss_fn(client), indices=train_part)", "loss=self.loss_fn(client))"),
     # ---- lambda learning ----
     m("lambda never learned",
       '        client.state["lambda"] = lam.detach()', "        pass"),

@@ -1,27 +1,28 @@
-"""Mutations of FedAvg's mechanisms (benchmarks/mutation_check.py); each must make tests/test_fedavg.py fail."""
+"""Mutations of FedAvg's mechanisms (benchmarks/mutation_check.py); each must make tests/test_fedavg.py fail.
+The batched path is shared by every algorithm: its mutations are in benchmarks/mutants/training.py."""
 from benchmarks.mutation_check import Mutation
 
 F = "algorithms/fedavg.py"
 T = ("tests/test_fedavg.py",)
+_PHASE = '        yield Phase("local", [model], self.ctx.cfg.local_epochs)  # CE(model(x), y)\n'
 
 MUTATIONS = [
     Mutation(name="fedavg: skip loading the downloaded global model", file=F,
-             old="        load_payload(model, payload)\n", new="", tests=T),
+             old="        load_payload(model, payload)  # the global model\n", new="", tests=T),
     Mutation(name="fedavg: client loss with label smoothing instead of plain CE", file=F,
-             old="lambda x, y: F.cross_entropy(model(x), y)",
-             new="lambda x, y: F.cross_entropy(model(x), y, label_smoothing=0.1)", tests=T),
+             old=_PHASE,
+             new="        import torch.nn.functional as F\n"
+                 '        yield Phase("local", [model], self.ctx.cfg.local_epochs,\n'
+                 "                    loss=lambda x, y: F.cross_entropy(model(x), y, label_smoothing=0.1))\n",
+             tests=T),
     Mutation(name="fedavg: one extra local epoch", file=F,
-             old="F.cross_entropy(model(x), y), self.ctx.cfg.local_epochs,",
-             new="F.cross_entropy(model(x), y), self.ctx.cfg.local_epochs + 1,", tests=T),
-    Mutation(name="fedavg: batched path skips local training", file=F,
-             old='self.ctx.train_many(clients, models, self.ctx.cfg.local_epochs, phase="local")',
-             new='self.ctx.train_many(clients, models, 0, phase="local")', tests=T),
-    Mutation(name="fedavg: batched path uploads the downloaded model", file=F,
-             old="return {c.id: state_payload(model) for c, model in zip(clients, models)}",
-             new="return {c.id: payloads[c.id] for c in clients}", tests=T),
+             old='[model], self.ctx.cfg.local_epochs)  # CE', new='[model], self.ctx.cfg.local_epochs + 1)  # CE',
+             tests=T),
+    Mutation(name="fedavg: client trains only the header", file=F,
+             old='Phase("local", [model],', new='Phase("local", [model.header],', tests=T),
     Mutation(name="fedavg: client uploads only its header", file=F,
-             old="        return state_payload(model)\n\n    def client_update_many",
-             new='        return state_payload(model.header, "header.")\n\n    def client_update_many', tests=T),
+             old="        return state_payload(model)\n",
+             new='        return state_payload(model.header, "header.")\n', tests=T),
     Mutation(name="fedavg: always n_k-weighted (aggregation ignored)", file=F,
              old="aggregation_weights(self.ctx, self.hp.aggregation)", new="self.ctx.client_weights", tests=T),
     Mutation(name="fedavg: always uniform (aggregation ignored)", file=F,

@@ -17,16 +17,20 @@ MUTATIONS = [
              new="if round_index == 0 and False:", tests=T),
     # local training
     Mutation(name="fedgh: client loss with label smoothing instead of plain CE", file=F,
-             old="lambda x, y: F.cross_entropy(model(x), y)",
-             new="lambda x, y: F.cross_entropy(model(x), y, label_smoothing=0.1)", tests=T),
+             old='yield Phase("local", [model], self.ctx.cfg.local_epochs)',
+             new='yield Phase("local", [model], self.ctx.cfg.local_epochs, '
+                 'loss=lambda x, y: F.cross_entropy(model(x), y, label_smoothing=0.1))', tests=T),
     Mutation(name="fedgh: client trains only the extractor", file=F,
-             old="self.ctx.train(client, [model],", new="self.ctx.train(client, [model.extractor],", tests=T),
+             old='Phase("local", [model],', new='Phase("local", [model.extractor],', tests=T),
     Mutation(name="fedgh: one extra local epoch", file=F,
-             old="F.cross_entropy(model(x), y), self.ctx.cfg.local_epochs,",
-             new="F.cross_entropy(model(x), y), self.ctx.cfg.local_epochs + 1,", tests=T),
-    Mutation(name="fedgh: batched path skips local training", file=F,
-             old='self.ctx.train_many(clients, models, self.ctx.cfg.local_epochs, phase="local")',
-             new='self.ctx.train_many(clients, models, 0, phase="local")', tests=T),
+             old='[model], self.ctx.cfg.local_epochs)  # CE', new='[model], self.ctx.cfg.local_epochs + 1)  # CE',
+             tests=T),
+    Mutation(name="fedgh: representations taken before local training", file=F,
+             old="        yield Phase(\"local\", [model], self.ctx.cfg.local_epochs)  # CE(model(x), y)\n"
+                 "        return self.upload(client)\n",
+             new="        upload = self.upload(client)\n"
+                 "        yield Phase(\"local\", [model], self.ctx.cfg.local_epochs)  # CE(model(x), y)\n"
+                 "        return upload\n", tests=T),
     # representations
     Mutation(name="fedgh: representations in training mode", file=F,
              old="        model.eval()\n        k, device", new="        k, device", tests=T),

@@ -1,0 +1,229 @@
+"""The Flower adapter: every built-in method, run through Flower's simulation engine (its clients in ClientApps,
+their state in the Flower context), gives the built-in simulator's numbers round by round: accuracy within float
+tolerance, bytes and FLOPs exactly. One Flower simulation serves every case (one Ray start)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+from bench.config import RunConfig, resolve_dataset_defaults  # noqa: E402
+from bench.errors import UserError  # noqa: E402
+from bench.executors.flower import FlowerExecutor  # noqa: E402
+from bench.executors.local import LocalExecutor  # noqa: E402
+from bench.flower.link import ClientLink  # noqa: E402
+from bench.flower.run import simulate  # noqa: E402
+from bench.flower.server import FlowerSimulation  # noqa: E402
+from bench.plan import client_splits  # noqa: E402
+from bench.registry import resolve_algorithms  # noqa: E402
+from bench.runner import run_invocation  # noqa: E402
+from bench.simulator import Simulation  # noqa: E402
+from data.device_data import DeviceData  # noqa: E402
+from data.portable import partition_sha256  # noqa: E402
+from data.sources import load_dataset, synthetic_dataset  # noqa: E402
+
+N, ROUNDS, SEED = 4, 3, 0
+EXACT = ("bytes_up", "bytes_down", "train_flops", "eval_flops", "server_flops", "clients_sampled")
+CLOSE = ("acc_mean", "acc_std", "val_acc_mean", "test_loss", "train_loss")
+
+
+@dataclass(frozen=True)
+class Case:
+    algorithm: str
+    hparams: tuple = ()
+    model_group: str = "cnn-hetero"
+
+    @property
+    def key(self) -> str:
+        return "-".join([self.algorithm, *(f"{k}={v}" for k, v in self.hparams)])
+
+
+def builtin_cases() -> list[Case]:
+    """Every built-in algorithm (this distribution's entry points), on the conformance kit's model group."""
+    from importlib.metadata import entry_points
+
+    from bench.registry import DISTRIBUTION, ENTRY_POINT_GROUP
+
+    names = sorted({ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)
+                    if ep.dist is not None and ep.dist.name == DISTRIBUTION})
+    return [Case(cls.name, (), "cnn5-homo" if cls.homogeneous_only else "cnn-hetero")
+            for cls in resolve_algorithms(names)]
+
+
+# Every built-in, plus the variants whose clients receive after aggregation or whose prediction reads server
+# state (FedAvg's global model, LG-FedAvg's and FedGH's broadcast header) and one whose client updates share
+# algorithm state (pFedLoRA's shared momentum).
+CASES = builtin_cases() + [
+    Case("pfedlora", (("persistent_optimizer", "shared"),)),
+    Case("lgfedavg", (("eval_header", "global"),)), Case("fedgh", (("eval_header", "global"),)),
+    Case("fedavg", (("eval_model", "local"),), "cnn5-homo"),
+]
+
+
+@pytest.fixture(scope="module")
+def dataset_file(tmp_path_factory) -> Path:
+    """A small synthetic dataset as an .npz both sides load (the ClientApps run in another process)."""
+    ds = synthetic_dataset(num_classes=10, train_size=400, test_size=200, seed=0)
+    path = tmp_path_factory.mktemp("flower") / "synthetic-small.npz"
+    np.savez(path, x_train=ds.x_train, y_train=ds.y_train, x_test=ds.x_test, y_test=ds.y_test)
+    return path
+
+
+def config(case: Case, dataset: Path) -> RunConfig:
+    cfg = RunConfig(algorithms=[case.algorithm], dataset=str(dataset), num_clients=N, participation=0.5,
+                    rounds=ROUNDS, batch_size=32, eval_batch_size=128, model_group=case.model_group, seeds=[SEED],
+                    device="cpu", threads=1, checkpoint_every=0, algo={case.algorithm: dict(case.hparams)})
+    return resolve_dataset_defaults(cfg, 10)
+
+
+def inputs(cfg: RunConfig):
+    ds = load_dataset(cfg.dataset)
+    return DeviceData(ds, torch.device("cpu"), augment=cfg.augment), client_splits(cfg, ds, SEED, torch.device("cpu"))
+
+
+def history(sim: Simulation) -> dict:
+    rounds = [sim.initial_metrics()] + [sim.run_round(r) for r in range(ROUNDS)]
+    return {"rounds": rounds, "clients": sim.client_table()}
+
+
+def simulation(case: Case, dataset: Path, flower_link: ClientLink | None = None) -> Simulation:
+    cfg = config(case, dataset)
+    data, splits = inputs(cfg)
+    cls = resolve_algorithms([case.algorithm])[0]
+    if flower_link is None:
+        return Simulation(cfg, cls, SEED, data, splits, torch.device("cpu"))
+    return FlowerSimulation(cfg, cls, SEED, data, splits, torch.device("cpu"), cls.hparams_for(cfg), flower_link,
+                            case.key, partition_sha256(splits))
+
+
+def invocation_config(output_dir: Path, name: str, dataset: Path) -> RunConfig:
+    return RunConfig(algorithms=["pfedlora", "fedgh"], dataset=str(dataset), num_clients=N, participation=0.5,
+                     rounds=2, batch_size=32, eval_batch_size=128, seeds=[SEED], device="cpu", threads=1,
+                     output_dir=str(output_dir), run_name=name, checkpoint_every=0)
+
+
+@pytest.fixture(scope="module")
+def runs(dataset_file, tmp_path_factory):
+    """(built-in histories, Flower histories, results root) of every case, from ONE Flower simulation (one Ray
+    start): the built-in runs and a local invocation are computed in the ServerApp while Ray starts its actor,
+    then every case and an invocation through FlowerExecutor (results folder and MLflow) run over the grid."""
+    out = tmp_path_factory.mktemp("results")
+    builtin: dict = {}
+    flower: dict = {}
+
+    def main(grid) -> None:
+        for case in CASES:
+            builtin[case] = history(simulation(case, dataset_file))
+        run_invocation(invocation_config(out, "local", dataset_file), show_progress=False, executor=LocalExecutor())
+        link = ClientLink(grid, reply_timeout=300)
+        link.connect(N)
+        for case in CASES:
+            flower[case] = history(simulation(case, dataset_file, link))
+        run_invocation(invocation_config(out, "flower", dataset_file), show_progress=False,
+                       executor=FlowerExecutor(grid=grid))
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        simulate(main, N)
+    finally:
+        torch.set_num_threads(threads)
+    return builtin, flower, out
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.key)
+def test_flower_equals_builtin_simulator(case, runs):
+    builtin, flower, _ = runs
+    ours, theirs = builtin[case]["rounds"], flower[case]["rounds"]
+    assert len(theirs) == len(ours) == ROUNDS + 1
+    for step, (a, b) in enumerate(zip(ours, theirs)):
+        for key in EXACT:
+            assert b.get(key) == a.get(key), f"{case.key} step {step}: {key} {b.get(key)} != {a.get(key)}"
+        for key in CLOSE + tuple(k for k in a if k.startswith(("acc_phase", "lambda", "upload_fraction"))):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9, nan_ok=True), f"{case.key} step {step}: {key}"
+    for a, b in zip(builtin[case]["clients"], flower[case]["clients"]):
+        assert {k: b[k] for k in a if k != "test_loss"} == {k: a[k] for k in a if k != "test_loss"}
+        assert b["test_loss"] == pytest.approx(a["test_loss"], rel=1e-6)
+
+
+def test_extra_traffic_is_reported_apart(runs):
+    """The initial client states go once, at step 0; server state only where client code reads it (FedAvg's
+    global model for every evaluation; pFedLoRA's shared momentum with every update); RNG states always."""
+    _, flower, _ = runs
+
+    def extra(case: Case) -> list[int]:
+        return [r["flower_state_bytes"] for r in flower[case]["rounds"]]
+
+    for case in (Case("standalone"), Case("lgfedavg", (("eval_header", "global"),)),
+                 Case("fedavg", (("eval_model", "local"),), "cnn5-homo")):
+        assert extra(case)[0] > 0 and extra(case)[1:] == [0] * ROUNDS, case.key
+    # FML's client updates share its working meme (batchable_clients = False): it travels, declared or not
+    for case in (Case("fedavg", (), "cnn5-homo"), Case("pfedlora", (("persistent_optimizer", "shared"),)),
+                 Case("fml")):
+        assert all(b > 0 for b in extra(case)[1:]), case.key
+    assert all(r["flower_rng_bytes"] > 0 for r in flower[Case("standalone")]["rounds"])
+
+
+def test_executor_writes_results_and_mlflow_as_a_local_run(runs):
+    """`bench run --executor flower`'s executor: the same metrics.csv, clients.csv and summaries as the local
+    executor, and the same MLflow runs (FINISHED, every step)."""
+    import mlflow
+
+    from bench.store import ResultsStore
+
+    *_, out = runs
+    local, flwr_root = ResultsStore(out / "local"), ResultsStore(out / "flower")
+    for key in ("pfedlora-seed0", "fedgh-seed0"):
+        a, b = local.rows(key), flwr_root.rows(key)
+        assert [r["step"] for r in b] == [r["step"] for r in a] == ["0", "1", "2"]
+        for ra, rb in zip(a, b):
+            for column in ("acc_mean", "val_acc_mean", "bytes_up", "bytes_down", "train_flops", "eval_flops",
+                           "server_flops"):
+                assert float(rb[column]) == pytest.approx(float(ra[column]), rel=1e-9), (key, column)
+        assert json.loads((out / "flower" / "runs" / key / "summary.json").read_text())["status"] == "FINISHED"
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    runs_ = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                               filter_string="tags.algorithm = 'pfedlora'")
+    assert len(runs_) == 2 and {r.info.status for r in runs_} == {"FINISHED"}
+    for r in runs_:
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "acc_mean")] == [0, 1, 2]
+
+
+class Unpicklable:
+    """Client state the Flower records cannot hold (neither tensor, module nor plain value)."""
+
+
+def test_unserialisable_client_state_is_one_clear_line(dataset_file):
+    from algorithms.standalone import Standalone
+
+    class Opaque(Standalone):
+        name = "opaque"
+
+        def init_client(self, client) -> None:
+            super().init_client(client)
+            client.state["scorer"] = Unpicklable()
+
+    cfg = config(Case("standalone"), dataset_file)
+    data, splits = inputs(cfg)
+    with pytest.raises(UserError) as err:
+        FlowerSimulation(cfg, Opaque, SEED, data, splits, torch.device("cpu"), Opaque.hparams_for(cfg), None,
+                         "opaque-seed0", partition_sha256(splits))
+    message = str(err.value)
+    assert "\n" not in message and "opaque" in message and "client state" in message
+    assert "scorer" in message and "Unpicklable" in message and "cannot be put in a Flower record" in message
+
+
+def test_batched_training_is_refused(dataset_file):
+    cfg = dataclasses.replace(config(Case("standalone"), dataset_file), batched_training=True)
+    data, splits = inputs(cfg)
+    with pytest.raises(UserError, match="batched_training"):
+        FlowerSimulation(cfg, resolve_algorithms(["standalone"])[0], SEED, data, splits, torch.device("cpu"), None,
+                         None, "x", partition_sha256(splits))
