@@ -9,7 +9,7 @@ client's last participation, concatenated: still an exact sum of products), re-i
 (A Kaiming-uniform from the run's generator, B = 0), train them and the local header for E epochs on CE, upload
 A_k (r_k x in) and B_k (out x r_k) of every LoRA layer. Server, per layer (its name and base shape: see
 lora_common): p_k = n_k / sum n over the uploaders (official: normalised local data sizes) and the stack above.
-Ranks: spread over clients as in HetLoRA (min_rank..max_rank; the official default list is 64, 32, 16, 16, 8,
+Ranks: by architecture as in HetLoRA (min_rank..max_rank; the official default list is 64, 32, 16, 16, 8,
 8, 4, 4, 4, 4 for LLaMA, with alpha = 2 r: scaling 2). Targets q, v and dropout 0.05 as the official code.
 The personalised prediction is the client's merged base + its own last LoRA + its header.
 
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from algorithms.base import Payload, Phase, aggregation_weights, check_aggregation
-from algorithms.lora_common import LoRAMethod, check_common, factors_payload, spread_rank, uploaders_of
+from algorithms.lora_common import LoRAMethod, check_common, factors_payload, arch_rank, uploaders_of
 from bench.errors import UserError
 
 
@@ -48,12 +48,13 @@ class FLoRAHyperparams:
 
 class FLoRA(LoRAMethod):
     name = "flora"
-    display_name, role, table_order, colour = "FLoRA", "baseline", 77, "#8c6d31"
+    display_name, role, table_order, colour = "FLoRA", "baseline", 77, "#e7ba52"
     description = "stacked LoRA factors: the exact weighted sum of the clients' products, merged into the base"
     Hyperparams = FLoRAHyperparams
 
     def client_rank(self, client_id: int) -> int:
-        return spread_rank(client_id, self.hp.min_rank, self.hp.max_rank)
+        return arch_rank(self.ctx.cfg.model_group, self.ctx.client_archs[client_id], self.hp.min_rank,
+                         self.hp.max_rank)
 
     def rank_option(self) -> str:
         return "min_rank..max_rank"

@@ -12,8 +12,10 @@ least 1), zeroing the pruned ranks; upload A[:r_k], B[:, :r_k] (the new rank). S
 name and base shape: see lora_common): weights w_k = ||s B_k A_k||_F / sum (uniform if all are zero), then
 A = sum_k w_k pad(A_k), B = sum_k w_k pad(B_k), zero-padded to the layer's r_max.
 
-Ranks: client k gets max_rank when k mod 5 = 0, evenly down to min_rank when k mod 5 = 4 (the paper spreads
-ranks between r_min and r_max over clients; here the 5-model groups' largest architecture gets the largest). The
+Ranks follow the architecture (a device's capability): the group's architectures in order get ranks spread from
+max_rank down to min_rank (vit-hetero: ViT-1 16, ViT-2 13, ViT-3 10, ViT-4 7, ViT-5 4; a homogeneous group: all
+max_rank, then only pruning makes ranks differ). The paper spreads ranks between r_min and r_max over clients; tying
+them to the architecture gives every computation of one architecture one cost, which the FLOP cache needs. The
 paper has no released code; the rule "prune when the tail's norm decreased during local training" is this
 harness's reading of its text. Training runs at the client's current rank (FLOPs counted at that rank); the
 prediction runs the stored factors, whose pruned ranks are zero (the same logits; FLOPs of the initial rank).
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 
 from algorithms.base import Payload, Phase, aggregation_weights
 from algorithms.lora_common import (LoRAMethod, check_common, factors_payload, load_factors, server_factors,
-                                    spread_rank, uploaders_of)
+                                    arch_rank, uploaders_of)
 from bench.errors import UserError
 
 AGGREGATIONS = ("sparsity", "samples", "uniform")
@@ -70,7 +72,8 @@ class HetLoRA(LoRAMethod):
     Hyperparams = HetLoRAHyperparams
 
     def client_rank(self, client_id: int) -> int:
-        return spread_rank(client_id, self.hp.min_rank, self.hp.max_rank)
+        return arch_rank(self.ctx.cfg.model_group, self.ctx.client_archs[client_id], self.hp.min_rank,
+                         self.hp.max_rank)
 
     def rank_option(self) -> str:
         return "min_rank..max_rank"

@@ -12,25 +12,29 @@ factors they exchange adapt the same frozen weights, as in the methods' papers.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
-import torch.nn.functional as F
 
 from algorithms.base import Algorithm
 from bench.errors import UserError
-from models.groups import build_model
+from models.groups import MODEL_GROUPS, build_model
 from models.lora import LoRALinear, add_lora, freeze_all_but_lora, layer_key, lora_layers, shared_init_seed
 from models.vit import VIT_SPECS
 
-RANK_LEVELS = 5  # ranks are spread over client ids like the architectures of the 5-model groups
+def spread_rank(level: int, levels: int, min_rank: int, max_rank: int) -> int:
+    """The rank of the level-th of `levels` architectures: max_rank for the first, evenly down to min_rank for
+    the last (one architecture: max_rank)."""
+    if levels == 1:
+        return max_rank
+    return max_rank - round((max_rank - min_rank) * level / (levels - 1))
 
 
-def spread_rank(client_id: int, min_rank: int, max_rank: int) -> int:
-    """Client k's rank: max_rank when k mod 5 = 0, evenly down to min_rank when k mod 5 = 4 (in the 5-model
-    groups the largest architecture gets the largest rank, as a capable device would)."""
-    step = client_id % RANK_LEVELS
-    return max_rank - round((max_rank - min_rank) * step / (RANK_LEVELS - 1))
+def arch_rank(group: str, arch: str, min_rank: int, max_rank: int) -> int:
+    """A client's rank follows its architecture (a device's capability): the group's architectures in order get
+    ranks spread from max_rank to min_rank (vit-hetero: ViT-1 16, ..., ViT-5 4). Tied to the architecture, not the
+    client id, so that every computation of one architecture has one cost (the harness counts FLOPs per
+    architecture and batch shape)."""
+    archs = list(dict.fromkeys(MODEL_GROUPS[group][0]))
+    return spread_rank(archs.index(arch), len(archs), min_rank, max_rank)
 
 
 def init_family(arch: str) -> str:
@@ -123,14 +127,6 @@ class LoRAMethod(Algorithm):
 
     def predict(self, client, x):
         return client.state["model"](x)
-
-
-def plain_loss(model):
-    return lambda x, y: F.cross_entropy(model(x), y)
-
-
-def rank_of(payload: dict[str, Any], key: str) -> int:
-    return payload[f"{key}.lora_A"].shape[0]
 
 
 def factors_payload(layers: dict[str, LoRALinear], parts: str = "AB", rank: int | None = None) -> dict:

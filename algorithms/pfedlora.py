@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from algorithms.base import (Algorithm, Payload, Phase, aggregation_weights, check_aggregation, load_payload,
                              state_payload, weighted_average)
 from bench.errors import UserError
-from models.adapters import A_INITS, PLACEMENTS, LoRAAdapter, local_and_personalised_logits, personalised_logits
+from models.adapters import (A_INITS, PLACEMENTS, LoRAAdapter, block_lora_layers, local_and_personalised_logits,
+                             personalised_logits)
+from models.groups import build_model
 
 INFERENCES = ("sum", "local")
 PERSISTENCE = ("none", "client", "shared")
@@ -27,7 +29,7 @@ PERSISTENCE = ("none", "client", "shared")
 
 @dataclass
 class PFedLoRAHyperparams:
-    placement: str = "model"     # model | representation | header-lora (models/adapters.py)
+    placement: str = "model"     # model | representation | header-lora | block-lora (models/adapters.py)
     rank: int = 64               # r
     local_epochs: int = 0        # E_local, phase 1; 0 means the run's local_epochs (E)
     adapter_epochs: int = 0      # E_adapter, phase 2; 0 means the run's local_epochs (E)
@@ -86,12 +88,18 @@ class PFedLoRA(Algorithm):
             raise UserError(f"pfedlora.placement={hp.placement} needs one representation size across clients, "
                             f"got {sorted(rep_dims)}; use placement=model")
         self.rep_dim = rep_dims.pop()
+        self.block_layers = None  # block-lora: the q, v layers every client architecture has at one shape
+        if hp.placement == "block-lora":
+            with torch.device("meta"):
+                models = [build_model(a, ctx.num_classes, ctx.in_channels, ctx.image_size)
+                          for a in dict.fromkeys(ctx.client_archs)]
+            self.block_layers = block_lora_layers(models, ctx.cfg.model_group, hp.rank)
         self.batchable_clients = hp.persistent_optimizer != "shared"  # one momentum passed from client to client
 
     def new_adapter(self) -> LoRAAdapter:
         return LoRAAdapter(self.hp.placement, self.ctx.num_classes, self.hp.rank, rep_dim=self.rep_dim,
                            in_channels=self.ctx.in_channels, image_size=self.ctx.image_size,
-                           a_init=self.hp.a_init).to(self.ctx.device)
+                           a_init=self.hp.a_init, layers=self.block_layers).to(self.ctx.device)
 
     def init_server(self) -> None:
         self.global_adapter = self.new_adapter()

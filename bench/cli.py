@@ -123,6 +123,8 @@ def sync(results_dir: str, tracking_uri: str | None) -> None:
 @click.option("--experiment", help="MLflow experiment to read (with --tracking-uri; default: all).")
 @click.option("--run", "parents", multiple=True, help="MLflow parent run (invocation) name or id; repeatable.")
 @click.option("--title", default="", help="Title of the report's Markdown index.")
+@click.option("--pool", is_flag=True, help="Pool runs of settings that share a label (dataset, N, C, partition) but "
+              "differ elsewhere (e.g. rounds) instead of reporting them apart; tables then say their ± is over runs.")
 def report(results_dirs, output_dir, out_alias, **options) -> None:
     """Figures (PNG, PDF) and tables (Markdown, CSV, LaTeX) from results folders or MLflow runs.
 

@@ -67,7 +67,8 @@ class RunEnv:
         cfg, splits = self.cfg, self.inputs.splits[spec.seed]
         params = {**{k: v for k, v in self.config.items() if k != "partition_hashes"}, "algorithm": spec.name,
                   "seed": spec.seed, "partition_hash": partition_sha256(splits), "hparams": vars(spec.hparams)}
-        tags = {"algorithm": spec.name, "dataset": self.inputs.dataset.name, "seed": str(spec.seed),
+        tags = {"algorithm": spec.name, "dataset": self.inputs.dataset.name, "split": self.inputs.dataset.split,
+                "seed": str(spec.seed),
                 "setting": f"N={cfg.num_clients},C={cfg.participation}", "model_group": cfg.model_group}
         return RunInfo(spec.key, params, tags, cfg.rounds, spec.checkpoint)
 
@@ -187,7 +188,9 @@ class Invocation:
 
     def header(self) -> str:
         cfg = self.cfg
+        split = self.env.config.get("dataset_split")
         return (f"bench: {', '.join(dict.fromkeys(r.name for r in self.runs))} on {self.dataset_name} "
+                + (f"({split} split) " if split else "") +
                 f"({cfg.num_clients} clients, C={cfg.participation}: {cfg.clients_per_round} per round, "
                 f"{cfg.rounds} rounds, E={cfg.local_epochs}, "
                 f"seeds {cfg.seeds}) on {self.env.config['device_resolved']}; results in {self.root}"
@@ -303,7 +306,8 @@ def open_invocation(cfg: RunConfig, *, use_mlflow: bool = True, resume: bool = F
     store = ResultsStore(root)
     store.acquire()
     runs = with_checkpoints(runs, store, cfg)
-    config = {**cfg.to_dict(), "clients_per_round": cfg.clients_per_round, "run_name": root.name,
+    config = {**cfg.to_dict(), "clients_per_round": cfg.clients_per_round, "dataset_split": inputs.dataset.split,
+              "run_name": root.name,
               "device_resolved": f"ray worker ({cfg.device})" if remote else str(device),
               "target_acc": cfg.target_accuracy, "partition_hashes": hashes, "torch": torch.__version__}
     kept = {}

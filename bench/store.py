@@ -166,6 +166,7 @@ class ResultsStore:
 
     def release(self) -> None:
         if self._lock is not None:
+            (self.root / LOCK).unlink(missing_ok=True)  # while still held: a finished folder keeps no lock file
             self._lock.close()  # closing drops the flock
             self._lock = None
 

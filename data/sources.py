@@ -152,7 +152,12 @@ def load_npz(
 
     Normalisation is measured on x_train unless `stats` (mean, std) is given.
     """
-    if not path.is_file():
+    try:
+        exists = path.is_file()
+    except OSError as err:  # e.g. a parent folder this user may not search
+        raise UserError(f"dataset file {path} cannot be read ({err.strerror}); give the path to a readable .npz "
+                        "file") from None
+    if not exists:
         raise UserError(f"dataset file {path} does not exist; give the path to an existing .npz file")
     check_npz_container(path)
     try:

@@ -20,6 +20,8 @@ MODEL_GROUPS: dict[str, tuple[tuple[str, ...], str]] = {
     "vit-hetero": (("vit1", "vit2", "vit3", "vit4", "vit5"),
                    "client i gets ViT-((i mod 5)+1): depth 8/6/4 x width 256, depth 8/4 x width 128 (patch 4)"),
     "vit5-homo": (("vit5",), "model-homogeneous: every client gets ViT-5 (depth 4, width 128)"),
+    "vit-depth-hetero": (("vit1", "vit2", "vit3"), "one width (256), depth 8/6/4: blocks 0-3 have one shape across "
+                                                   "clients (pFedLoRA's block-lora placement)"),
     "vit-small-hetero": (("vits1", "vits2", "vits3", "vits4", "vits5"),
                          "CPU-sized ViTs: depth 4/3/2 x width 64, depth 4/2 x width 32 (patch 4)"),
 }

@@ -59,10 +59,13 @@ class Scale:
 # The six baselines the pFedLoRA paper compares: recipe content (which methods a T1 of the paper holds); how a
 # method is shown (name, role, order, colour) comes from its class through the registry.
 PAPER_BASELINES = ("feddistill", "fml", "fedkd", "lgfedavg", "fedgh", "fedapen")
+# The peers' methods and the authors' successors under the same protocol: an extra block of T1 rows after the
+# paper's seven (their table_order puts them there). On tv-hetero FedProto/FedTGP need a proto_dim.
+PEER_METHODS = ("fedproto", "fedtgp", "fedmrl", "pfedes")
 SCALES: dict[str, Scale] = {
     "full": Scale(
         name="full", base={"rounds": 500, "local_epochs": 10, "batch_size": 512}, seeds=(0, 1, 2),
-        methods=("pfedlora", *PAPER_BASELINES, "standalone"), datasets=("cifar10", "cifar100"),
+        methods=("pfedlora", *PAPER_BASELINES, *PEER_METHODS, "standalone"), datasets=("cifar10", "cifar100"),
         settings=((10, 1.0), (50, 0.2), (100, 0.1)), sweep_setting=(100, 0.1),
         classes={"cifar10": (2, 4, 6, 8, 10), "cifar100": (10, 30, 50, 70, 90, 100)},
         participation=(0.1, 0.3, 0.5, 0.7, 0.9, 1.0), participation_clients=100,

@@ -99,20 +99,24 @@ def si(value: float) -> str:
 
 
 def log_ticks(low: float, high: float, max_ticks: int = 4) -> list[float]:
-    """At most `max_ticks` readable ticks in [low, high]: decades, or 1-2-5 steps inside a narrow range."""
+    """At most `max_ticks` readable ticks in [low, high]: decades, or 1-2-5 steps (else every other integer
+    mantissa) inside a narrow range."""
     lo, hi = math.floor(math.log10(low)), math.ceil(math.log10(high))
-    for subs in ((1, 2, 5), (1, 3), (1,), tuple(range(1, 10))):
-        ticks = [m * 10.0 ** e for e in range(lo, hi + 1) for m in subs if low <= m * 10.0 ** e <= high]
-        if 2 <= len(ticks) <= max_ticks:
-            return ticks
-    decades = [10.0 ** e for e in range(lo, hi + 1) if low <= 10.0 ** e <= high]
+
+    def within(subs) -> list[float]:
+        return [m * 10.0 ** e for e in range(lo, hi + 1) for m in subs if low <= m * 10.0 ** e <= high]
+
+    for subs in ((1, 2, 5), (1, 3), (1,)):
+        if 2 <= len(within(subs)) <= max_ticks:
+            return within(subs)
+    decades = within((1,))
     if len(decades) > max_ticks:
-        step = math.ceil(len(decades) / max_ticks)
-        return decades[::step]
-    if len(decades) >= 2:
-        return decades
-    # a narrow range: three ticks spaced evenly in log, at two significant figures
-    return sorted({float(f"{low ** (1 - f) * high ** f:.2g}") for f in (0.2, 0.5, 0.8)})
+        return decades[::math.ceil(len(decades) / max_ticks)]
+    steps = within(range(1, 10))
+    if len(steps) >= 2:
+        return steps[::math.ceil(len(steps) / max_ticks)]
+    # narrower than one integer step: three ticks spaced evenly in log, at three significant figures
+    return sorted({float(f"{low ** (1 - f) * high ** f:.3g}") for f in (0.2, 0.5, 0.8)})
 
 
 def log_axis(ax, which: str, values, pad: float = 1.3) -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from algorithms.flora import FLoRA
-from algorithms.lora_common import spread_rank
+from algorithms.lora_common import arch_rank, spread_rank
 from bench.errors import UserError
 from bench.observe import AtStart
 from bench.testing import check_algorithm
@@ -19,7 +19,7 @@ from tests.lora_handcalc import (FULL, assert_close_update, capture_uploads, fac
                                  params_of)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-RANKS = [spread_rank(k, 4, 16) for k in range(5)]  # 16, 13, 10, 7, 4
+RANKS = [spread_rank(j, 5, 4, 16) for j in range(5)]  # 16, 13, 10, 7, 4: one per architecture
 
 
 def make_sim(hp=None, **cfg):
@@ -37,9 +37,16 @@ def test_conforms():
     check_algorithm(FLoRA, model_group="vit-hetero", train_size=100, test_size=50)
 
 
+def test_conforms_on_a_homogeneous_group_batched():
+    """One architecture, one rank (ranks follow the architecture): the FLOP cache per architecture holds."""
+    assert {arch_rank("vit5-homo", "vit5", 4, 16)} == {16}
+    check_algorithm(FLoRA, model_group="vit5-homo", hparams={"dropout": 0.0}, batched_training=True,
+                    train_size=60, test_size=30)
+
+
 def test_ranks_are_spread_and_round_zero_downloads_nothing():
     sim = make_sim(participation=1.0)
-    assert RANKS == [16, 13, 10, 7, 4]
+    assert RANKS == [16, 13, 10, 7, 4] == [arch_rank("vit-small-hetero", f"vits{j}", 4, 16) for j in range(1, 6)]
     for client in sim.clients:
         assert {layer.rank for layer in sim.algo.layers(client).values()} == {RANKS[client.id]}
         assert sim.algo.server_payload(client, 0) == {}

@@ -92,6 +92,14 @@ class Federation:
         return self.root / "results" / run_name / "runs" / "pfedlora-seed0"
 
 
+def accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
 def group_members(groups: set[int]) -> list[int]:
     """Every live process whose process group is one of `groups` (Linux /proc)."""
     members = []
@@ -144,6 +152,7 @@ def federation(tmp_path_factory):
     try:
         fed.start("superlink", "flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
                   "--host", "127.0.0.1", "--port", str(port))
+        wait_for(lambda: accepts(port), "the SuperLink to listen", fed, timeout=180)
         for k in range(CLIENTS):
             fed.start(f"supernode{k}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
                       "--host", "127.0.0.1", "--port", str(free_port()),
@@ -246,3 +255,15 @@ def test_supernode_killed_mid_round_fails_the_run_and_keeps_what_was_written(fed
     assert after[:len(before)] == before and [r["step"] for r in after] == ["0", "1"]
     assert result["rounds"] == 1
     assert federation.processes["superlink"].poll() is None  # the federation itself goes on
+    statuses = mlflow_runs(federation.root / "results" / "mlflow.db")
+    assert sorted(statuses) == [("FAILED", [0, 1]), ("FINISHED", [0, 1, 2])], statuses
+
+
+def mlflow_runs(store: Path) -> list[tuple[str, list[int]]]:
+    """(status, acc_mean steps) of every pfedlora run the ServerApps logged to MLflow."""
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{store}")
+    found = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                               filter_string="tags.algorithm = 'pfedlora'")
+    return [(r.info.status, [m.step for m in client.get_metric_history(r.info.run_id, "acc_mean")]) for r in found]

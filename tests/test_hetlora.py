@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from algorithms.hetlora import HetLoRA
-from algorithms.lora_common import spread_rank
+from algorithms.lora_common import arch_rank, spread_rank
 from bench.errors import UserError
 from bench.observe import AtStart
 from bench.testing import check_algorithm
@@ -49,7 +49,8 @@ def test_conforms():
 
 
 def test_ranks_and_truncated_download():
-    assert [spread_rank(k, 4, 16) for k in range(7)] == RANKS + [16, 13]
+    assert [spread_rank(j, 5, 4, 16) for j in range(5)] == RANKS and spread_rank(0, 1, 4, 16) == 16
+    assert [arch_rank("vit-depth-hetero", a, 4, 16) for a in ("vit1", "vit2", "vit3")] == [16, 10, 4]
     sim = make_sim()
     randomise_global(sim)
     for client in sim.clients:

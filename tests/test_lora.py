@@ -93,7 +93,8 @@ def test_a_lower_rank_uses_the_leading_factors():
     torch.testing.assert_close(layer(x), expected)
 
 
-@pytest.mark.parametrize("in_features, out_features, rank, tokens", [(64, 64, 8, 65), (32, 128, 4, 10), (128, 32, 1, 3)])
+@pytest.mark.parametrize("in_features, out_features, rank, tokens",
+                         [(64, 64, 8, 65), (32, 128, 4, 10), (128, 32, 1, 3)])
 def test_flops_of_a_training_step_equal_the_hand_count(in_features, out_features, rank, tokens):
     """Frozen base, input without gradient (the first LoRA layer, or one after frozen layers): forward
     2 N (in out + r in + r out); backward dB = g^T (A x): 2 N out r, d(Ax) = g B: 2 N out r, dA: 2 N r in."""

@@ -162,3 +162,68 @@ def test_model_init_errors_are_one_line(tmp_path):
     torch.save(build_model("vits3", 10).state_dict(), tmp_path / "wrong.pt")
     with pytest.raises(UserError, match="does not fit architecture 'vits5'"):
         load_model_init(model, str(tmp_path / "wrong.pt"), "vits5")
+
+
+# ---- pFedLoRA on transformers: the block-lora placement ------------------------------------------------------
+
+def test_block_lora_adapts_the_q_and_v_every_client_shares():
+    from models.adapters import block_lora_layers
+
+    with torch.device("meta"):
+        depth = [build_model(a, 10) for a in MODEL_GROUPS["vit-depth-hetero"][0]]
+        mixed = [build_model(a, 10) for a in MODEL_GROUPS["vit-hetero"][0]]
+        cnns = [build_model(a, 10) for a in MODEL_GROUPS["cnn-hetero"][0]]
+    layers = block_lora_layers(depth, "vit-depth-hetero", rank=8)
+    assert list(layers) == [f"extractor.blocks.{i}.attn.{t}" for i in range(4) for t in "qv"]  # depth 4 is shared
+    assert set(layers.values()) == {(256, 256)}
+    for models, group in ((mixed, "vit-hetero"), (cnns, "cnn-hetero")):
+        with pytest.raises(UserError, match=rf"block-lora needs transformer blocks of one shape in every client's "
+                                            rf"model; model group '{group}' has none; valid: placement one of model, "
+                                            rf"representation, header-lora, or a group of one width"):
+            block_lora_layers(models, group, rank=8)
+    with pytest.raises(UserError, match=r"pfedlora.rank=300 does not fit the block-lora layers .* valid: rank 1..256"):
+        block_lora_layers(depth, "vit-depth-hetero", rank=300)
+
+
+def test_block_lora_prediction_is_the_merged_model():
+    """F_k (+) G = F_k with W + 2 B A in place of each adapted weight (functional_call, not the hooks)."""
+    from torch.func import functional_call
+
+    from models.adapters import LoRAAdapter, personalised_logits
+
+    torch.manual_seed(0)
+    model = build_model("vits3", 10)
+    layers = {f"extractor.blocks.{i}.attn.{t}": (64, 64) for i in range(2) for t in "qv"}
+    adapter = LoRAAdapter("block-lora", 10, rank=4, layers=layers)
+    x = torch.randn(3, 3, 32, 32)
+    assert torch.equal(personalised_logits(model, adapter, x), model(x))  # B = 0
+    with torch.no_grad():
+        for b in adapter.B:
+            b.normal_(0, 0.1)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    for name, a, b in zip(layers, adapter.A, adapter.B):
+        params[f"{name}.weight"] = params[f"{name}.weight"] + 2.0 * b.detach() @ a.detach()
+    torch.testing.assert_close(personalised_logits(model, adapter, x), functional_call(model, params, (x,)))
+    assert torch.equal(model(x), functional_call(model, {k: v.detach() for k, v in model.named_parameters()}, (x,)))
+    # the adapter's payload: A (4 x 64) and B (64 x 4) per layer, 4 x 4 x 4 x 128 bytes
+    assert sum(t.numel() * 4 for t in adapter.state_dict().values()) == 4 * 4 * 4 * 128
+
+
+def test_pfedlora_conforms_on_transformers():
+    from bench.testing import check_algorithm
+
+    check_algorithm("pfedlora", model_group="vit5-homo", hparams={"placement": "block-lora", "rank": 4},
+                    train_size=60, test_size=30)
+    check_algorithm("pfedlora", model_group="vit-hetero", hparams={"rank": 8}, train_size=60, test_size=30)
+
+
+def test_pfedlora_block_lora_on_a_group_of_mixed_widths_is_one_line(monkeypatch, capsys, tmp_path, small_npz):
+    from tests.conftest import bench_main
+
+    code, _, err = bench_main(monkeypatch, capsys, "run", "--algo", "pfedlora", "--dataset", str(small_npz),
+                              "--clients", "5", "--rounds", "1", "--model-group", "vit-small-hetero", "--set",
+                              "pfedlora.placement=block-lora", "--output-dir", str(tmp_path / "o"), "--quiet")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith("error: pfedlora.placement=block-lora needs transformer blocks of one shape in every "
+                               "client's model; model group 'vit-small-hetero' has none")

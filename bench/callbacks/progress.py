@@ -50,14 +50,14 @@ class ProgressCallback(Callback):
 
     def on_run_end(self, run: RunInfo, summary: dict[str, Any], clients: list[dict[str, Any]], status: str) -> None:
         self.ended[run.key] = (summary, status)
-        if status == "FINISHED" or isinstance(run.error, UserError):  # a UserError stops the invocation: said once
+        if status in ("FINISHED", "KILLED") or isinstance(run.error, UserError):  # the CLI says these once
             return
         self.progress.echo(f"{run.key}: FAILED ({summary.get('error', status)})")
         if self.progress.enabled and run.error is not None:
             traceback.print_exception(run.error, file=sys.stderr)
 
     def on_invocation_end(self, artifacts: list[Path], status: str) -> None:
-        if not self.ended:
+        if not self.ended or status == "KILLED":  # interrupted: the CLI says where the finished rounds are
             return
         for line in final_table(self.ended, self.config.get("dataset_split")):
             self.progress.echo(line)

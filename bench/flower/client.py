@@ -29,6 +29,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from bench.accounting import FLOP_KINDS, FlopAccountant
+from bench.checkpoint import Packer, unpack
 from bench.config import RunConfig
 from bench.context import Client, RunContext, modules_in
 from bench.errors import UserError
@@ -95,9 +96,8 @@ class Session:
         accountant = FlopAccountant(cache=cfg.flop_cache)
         key = run["key"]
         forget_other_runs(context, key)
-        if f"{key}/flops" in context.state:
-            cache = json.loads(str(context.state.config_records[f"{key}/flops"]["json"]))
-            accountant.load_cache({tuple(k): v for k, v in cache})
+        if f"{key}/flops" in context.state:  # the FLOP cache of the earlier messages: counted steps not recounted
+            accountant.load_cache(unpack(json.loads(str(context.state.config_records[f"{key}/flops"]["json"])), {}))
         ctx = RunContext(cfg, inputs.data, device, run["seed"], algo_cls.name, accountant, splits)
         algo = algo_cls(ctx, algo_cls.make_hparams(run["hparams"]))
         ctx.prediction_modules = lambda c: modules_in(c.state, algo)
@@ -122,7 +122,7 @@ class Session:
         if changed or not records.has_state(self.context.state, name):
             records.put_state(self.context.state, name,
                               records.pack_state(self.client.state, "client state", self.algo.name))
-        cache = [[list(k), v] for k, v in self.ctx.accountant.cache_state().items()]
+        cache = Packer().pack(self.ctx.accountant.cache_state(), "flops")  # JSON only: keys and ints
         self.context.state[f"{self.key}/flops"] = ConfigRecord({"json": json.dumps(cache)})
         metrics = out.metric_records.get("metrics") or MetricRecord()
         after = self.ctx.accountant.snapshot()

@@ -30,14 +30,15 @@ class ClientLink:
         self.lost: str | None = None     # why a client stopped answering (then nothing more is sent)
 
     def connect(self, num_clients: int) -> None:
-        """Wait until the nodes holding clients 0..N-1 are connected and map each client to its node."""
+        """Wait until the nodes holding clients 0..N-1 are connected and map each client to its node (every new
+        node is asked at once: a deployed ClientApp takes seconds to start)."""
         deadline = time.monotonic() + self.connect_timeout
         found: dict[int, int] = {}
         asked: set[int] = set()
         while True:
-            for node in sorted(set(self.grid.get_node_ids()) - asked):
-                asked.add(node)
-                cid = self._partition_of(node, deadline)
+            new = sorted(set(self.grid.get_node_ids()) - asked)
+            asked.update(new)
+            for node, cid in self._partitions_of(new, deadline).items():
                 if cid in found and found[cid] != node:
                     raise UserError(f"two SuperNodes ({found[cid]} and {node}) both hold partition-id={cid}; "
                                     "give each SuperNode its own --node-config partition-id")
@@ -52,9 +53,24 @@ class ClientLink:
             time.sleep(0.2)
         self.nodes = {c: found[c] for c in range(num_clients)}
 
-    def _partition_of(self, node: int, deadline: float) -> int:
-        reply = self._exchange(node, HELLO, RecordDict(), max(deadline - time.monotonic(), 1.0), "hello")
-        return int(reply.content.config_records["hello"]["partition-id"])
+    def _partitions_of(self, nodes: list[int], deadline: float) -> dict[int, int]:
+        """node -> the partition-id it holds, asked of all `nodes` at once."""
+        sent = {}
+        for node in nodes:
+            for message_id in self.grid.push_messages([Message(RecordDict(), node, HELLO)]):
+                sent[message_id] = node
+        found: dict[int, int] = {}
+        while len(found) < len(sent):
+            pending = [m for m, node in sent.items() if node not in found]
+            for reply in self.grid.pull_messages(pending):
+                node = sent[reply.metadata.reply_to_message_id]
+                found[node] = int(check_reply(reply, node, "hello").content.config_records["hello"]["partition-id"])
+            if len(found) < len(sent) and time.monotonic() > deadline:
+                raise ClientLost(f"hello: no reply from Flower node(s) "
+                                 f"{', '.join(str(n) for n in sent.values() if n not in found)} "
+                                 f"within {self.connect_timeout:g} s")
+            time.sleep(0.01)
+        return found
 
     def ask(self, cid: int, message_type: str, content: RecordDict, what: str) -> Message:
         """Send `content` to client `cid` and return its reply; ClientLost when none comes in time (and for

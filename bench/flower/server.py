@@ -17,8 +17,8 @@ What travels besides the algorithm's payloads (reported apart, never in bytes_up
 - the algorithm's server state, where client code reads it: with every evaluation when the prediction uses
   server state that no post-aggregation broadcast has given the clients (FedAvg's global model), and to and
   from every client update when the algorithm declares that its client updates share algorithm state
-  (`batchable_clients = False`: pFedLoRA's shared momentum; FML's working meme, which each download overwrites,
-  so FML travels it without needing it) (`flower_state_bytes`)."""
+  (`batchable_clients = False`: pFedLoRA's shared momentum; FML's working meme, which each download overwrites),
+  all of state_dict() or only the attributes it names in `shared_client_state` (`flower_state_bytes`)."""
 from __future__ import annotations
 
 import dataclasses
