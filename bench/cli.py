@@ -58,6 +58,8 @@ def cli(debug: bool) -> None:
 @click.option("--run-name", help="Results subfolder and MLflow parent run name.")
 @TRACKING_URI(help="MLflow tracking URI (default: sqlite store in the output dir).")
 @click.option("--checkpoint-every", type=int, help="Checkpoint each run every k rounds (0: never) [default: 1].")
+@click.option("--system-metrics", is_flag=True, default=None,
+              help="Log MLflow's system metrics (CPU, memory, GPU) on every run; needs psutil.")
 @click.option("--resume", is_flag=True, help=RESUME_HELP)
 @QUIET
 @executor_options
@@ -72,6 +74,7 @@ def run(algorithms, config_file, preset, sets, quiet, resume, **options) -> None
     options["algorithms"] = list(algorithms) or None
     options["seeds"] = seed_list(options["seeds"]) or None
     options["output_dir"] = str(options["output_dir"]) if options["output_dir"] else None
+    options["system_metrics"] = options["system_metrics"] or None  # absent: the config file's value
     cfg = load_config(config_file, preset, list(sets), options)
     finish(run_invocation(cfg, show_progress=not quiet, resume=resume, executor=executor))
 
@@ -247,12 +250,15 @@ def ui(output_dir: Path, tracking_uri: str | None, port: int) -> None:
     """Start the MLflow UI on 127.0.0.1 for the results store (one worker, no job runner); Ctrl-C or SIGTERM
     stops it and everything it started."""
     from bench.store import MLFLOW_DB, default_tracking_uri
-    from bench.ui import HOST, serve
+    from bench.ui import HOST, check_port_free, runs_view_lines, serve
 
     uri = tracking_uri or default_tracking_uri(output_dir)
     if tracking_uri is None and not (output_dir / MLFLOW_DB).exists():
         raise UserError(f"no MLflow store at {output_dir / MLFLOW_DB}; run `bench run` first or pass --output-dir")
+    check_port_free(port)  # before reading the store: a busy port is the first thing to hear about
     click.echo(f"MLflow UI for {uri} at http://{HOST}:{port}  (Ctrl-C to stop)")
+    for line in runs_view_lines(uri, HOST, port):
+        click.echo(line)
     code = serve(uri, port)
     if code:
         click.echo(f"error: the MLflow server exited with code {code} (its output is above)", err=True)

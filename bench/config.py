@@ -69,6 +69,8 @@ class RunConfig:
     # keep a finished run's last checkpoint (default: deleted when it finishes)
     keep_checkpoints: bool = field(default=False, metadata=SETUP)
     experiment: str = field(default="mhpfl-bench", metadata=SETUP)
+    # log MLflow's system metrics (CPU, memory, GPU: system/...) on every run; needs psutil
+    system_metrics: bool = field(default=False, metadata=SETUP)
     profile: str = "spec"             # reference profile of every algorithm's options: spec (SPEC.md), official (the
                                       # authors' released code), htfllib (HtFLlib); algorithms/README.md has the tables
     # Per-algorithm hyper-parameters, e.g. {"pfedlora": {"rank": 32}}; TOML tables / --set pfedlora.rank=32.

@@ -25,7 +25,8 @@ import torch
 
 from bench.callbacks import Callback, CallbackList, InvocationInfo, RunInfo, ordered
 from bench.callbacks.checkpoint import CheckpointCallback, SavedRun, read_run
-from bench.callbacks.mlflow import make_mlflow_callback
+from bench.callbacks.mlflow import check_system_metrics, make_mlflow_callback
+from bench.callbacks.mlflow_meta import setting_of
 from bench.callbacks.progress import ProgressCallback
 from bench.callbacks.results import ResultsFolderCallback
 from bench.checkpoint import CheckpointError
@@ -67,9 +68,9 @@ class RunEnv:
         cfg, splits = self.cfg, self.inputs.splits[spec.seed]
         params = {**{k: v for k, v in self.config.items() if k != "partition_hashes"}, "algorithm": spec.name,
                   "seed": spec.seed, "partition_hash": partition_sha256(splits), "hparams": vars(spec.hparams)}
-        tags = {"algorithm": spec.name, "dataset": self.inputs.dataset.name, "split": self.inputs.dataset.split,
-                "seed": str(spec.seed),
-                "setting": f"N={cfg.num_clients},C={cfg.participation}", "model_group": cfg.model_group}
+        tags = {"algorithm": spec.name, "role": spec.algorithm.role, "dataset": self.inputs.dataset.name,
+                "split": str(self.inputs.dataset.split), "seed": str(spec.seed), "setting": setting_of(params),
+                "model_group": cfg.model_group, "partition_hash": params["partition_hash"]}
         return RunInfo(spec.key, params, tags, cfg.rounds, spec.checkpoint)
 
     def saved(self, spec: RunSpec) -> SavedRun | None:
@@ -202,7 +203,8 @@ class Invocation:
         progress.echo(self.header())
         cfg, output_dir = self.cfg, Path(self.cfg.output_dir)
         mlflow = make_mlflow_callback(cfg.tracking_uri or default_tracking_uri(output_dir), cfg.experiment,
-                                      output_dir, self.store) if self.use_mlflow else None
+                                      output_dir, self.store, system_metrics=cfg.system_metrics,
+                                      ) if self.use_mlflow else None
         checkpoints = None if self.remote else CheckpointCallback(cfg.checkpoint_every, cfg.keep_checkpoints)
         self.callbacks = ordered(record=ResultsFolderCallback(self.store), checkpoint=checkpoints, mirror=mlflow,
                                  display=ProgressCallback(progress))
@@ -297,6 +299,8 @@ def open_invocation(cfg: RunConfig, *, use_mlflow: bool = True, resume: bool = F
     if resume and cfg.run_name is None:
         raise UserError(NEEDS_RUN_NAME)
     check_output_dir(cfg.output_dir, cfg.run_name)
+    if use_mlflow and cfg.system_metrics:
+        check_system_metrics()  # refused before anything is written
     warn_inexact_participation(cfg)
     inputs = load_inputs(cfg, device, runs)
     cfg = resolve_dataset_defaults(cfg, inputs.dataset.num_classes)  # what the folder records and every run uses

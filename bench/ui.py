@@ -22,6 +22,28 @@ from bench.errors import UserError
 HOST = "127.0.0.1"
 
 
+def runs_view_url(experiment_id: str, port: int, host: str = HOST) -> str:
+    """The experiment's runs table (MLflow 3 otherwise opens an experiment on its GenAI overview of traces)."""
+    return f"http://{host}:{port}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def runs_view_lines(tracking_uri: str, host: str, port: int) -> list[str]:
+    """One line per experiment of a sqlite store with the URL of its runs view (none when the store cannot
+    be read: the server then says why). MLflow's 'Default' experiment is left out unless it is the only one."""
+    from bench.callbacks.mlflow_client import MlflowConnection, sqlite_path
+
+    db = sqlite_path(tracking_uri)
+    if db is None or not db.exists() or db.stat().st_size == 0:
+        return []  # a server store (asked over HTTP, slowly when down) or no store yet: the plain URL above
+    try:
+        experiments = MlflowConnection(tracking_uri).client.search_experiments()
+    except Exception:  # the server reports a broken store itself; the URL is a convenience
+        return []
+    shown = [e for e in experiments if not (e.experiment_id == "0" and e.name == "Default")] or experiments
+    return [f"  runs of {e.name}: {runs_view_url(e.experiment_id, port, host)}"
+            for e in sorted(shown, key=lambda e: e.name)]
+
+
 def check_port_free(port: int, host: str = HOST) -> None:
     """Refuse a port something already listens on (the server would fail after its slow start). Bound as the
     server binds it (SO_REUSEADDR): connections of a server just stopped, closing (TIME_WAIT), do not count."""

@@ -3,13 +3,15 @@
     .venv/bin/python -m benchmarks.vit_speed                     # CPU: about 10 minutes on an idle 2-core machine
     .venv/bin/python -m benchmarks.vit_speed --device cuda       # on a GPU (adds the vit-hetero group at full size)
     .venv/bin/python -m benchmarks.vit_speed --tiny --out /tmp/v  # seconds: a smoke run
+    .venv/bin/python -m benchmarks.vit_speed --groups cnn-hetero,vit-hetero --algos standalone,fedsalora \
+        --rounds 1 --tag vit-hetero                                # the full-size ViTs on a CPU (slow)
 
 Per (model group, algorithm): one warm-up round (it also counts the FLOPs once per step shape), then timed
 rounds through the real simulator (bench.simulator.Simulation.run_round: local training, payloads, aggregation,
 evaluation of the sampled clients), their median in seconds, training FLOPs per round (the harness's count)
 and the achieved FLOP/s. Federation: CIFAR-10-shaped synthetic data (2,000 training images, 10 clients,
 2 classes each, all sampled), E=1, batch 64. Writes vit_speed.json and vit_speed.md into --out
-(default benchmarks/results/).
+(default benchmarks/results/; with --tag T: vit_speed-T.json / .md).
 """
 from __future__ import annotations
 
@@ -76,7 +78,8 @@ def write(rows: list[dict], args, out: Path, wall: float) -> None:
             or platform.machine(), "cores": os.cpu_count(), "load_average": [round(v, 2) for v in os.getloadavg()],
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "wall_s": round(wall, 1),
             "clients": args.clients, "train_size": args.train_size, "rounds_timed": args.rounds}
-    (out / "vit_speed.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    stem = f"vit_speed-{args.tag}" if args.tag else "vit_speed"
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     cnn = {r["algorithm"]: r["s_per_round"] for r in rows if r["group"] == "cnn-hetero"}
     lines = ["# Transformer vs CNN group: seconds per round", "",
              f"Command: `{meta['command']}`  ",
@@ -95,10 +98,10 @@ def write(rows: list[dict], args, out: Path, wall: float) -> None:
         lines.append(f"| {r['group']} | {r['algorithm']} | {r['s_per_round']:.2f} | {ratio} | "
                      f"{r['train_flops_per_round'] / 1e9:.1f} | {r['gflop_per_s']:.1f} |")
     if args.device == "cpu":
-        lines += ["", "No GPU was available here: the GPU column is not measured (run with --device cuda). The "
-                  "full-size vit-hetero group is left out on a CPU (add it with --with-vit-hetero): about 90 "
-                  "CNN-1 steps per ViT-1 step (models/vit.py)."]
-    (out / "vit_speed.md").write_text("\n".join(lines) + "\n")
+        lines += ["", "CPU only: no GPU was lent to this run (on a GPU: --device cuda). The full-size vit-hetero "
+                  "group costs about 90 CNN-1 steps per ViT-1 step (models/vit.py); on a CPU it is timed separately "
+                  "(vit_speed-vit-hetero.md)."]
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -110,6 +113,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tiny", action="store_true", help="a smoke run: 2 groups, 2 algorithms, 200 images")
     parser.add_argument("--with-vit-hetero", action="store_true", help="also time vit-hetero on a CPU")
+    parser.add_argument("--groups", help="comma-separated model groups instead of the default ones")
+    parser.add_argument("--algos", help="comma-separated algorithms instead of the default ones")
+    parser.add_argument("--tag", help="write vit_speed-TAG.json/.md")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     args.argv = argv if argv is not None else __import__("sys").argv[1:]
@@ -119,9 +125,13 @@ def main(argv: list[str] | None = None) -> None:
     dataset = synthetic_dataset(num_classes=10, train_size=args.train_size, test_size=max(100, args.train_size // 5))
     data = DeviceData(dataset, torch.device(args.device), augment=True)
     groups = groups_for(args.device, args.tiny) + (("vit-hetero",) if args.with_vit_hetero and not args.tiny else ())
+    if args.groups:
+        groups = tuple(args.groups.split(","))
     start, rows = time.perf_counter(), []
     for group in groups:
         algos = MHPFL + (LORA if group.startswith("vit") else ())
+        if args.algos:
+            algos = tuple(a for a in args.algos.split(",") if a in algos)
         for algo in (algos[:2] if args.tiny else algos):
             rows.append(time_group(group, algo, args, data, dataset))
             print(f"{group:18s} {algo:12s} {rows[-1]['s_per_round']:8.2f} s/round", flush=True)

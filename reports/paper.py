@@ -507,9 +507,7 @@ def drop_cell(root: Path, name: str, ctx: Context) -> None:
     client, exp_id = mlflow_client(ctx)
     if client is None:
         return
-    for run in client.search_runs([exp_id], filter_string=f"attributes.run_name = '{name}'"):
-        for child in client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'"):
-            client.delete_run(child.info.run_id)
+    for run in cell_runs(client, exp_id, name):
         client.delete_run(run.info.run_id)
 
 
@@ -523,26 +521,81 @@ def mlflow_client(ctx: Context):
     return (client, exp.experiment_id) if exp is not None else (None, None)
 
 
+def cell_runs(client, exp_id: str, name: str) -> list:
+    """The active MLflow runs of cell `name`: its invocation's parent (named after the cell) and runs, or, once
+    tagged, the runs tagged `cell` (a one-run cell's run is no longer nested: tag_cell)."""
+    found = {}
+    for query in (f"attributes.run_name = '{name}'", f"tags.cell = '{name}'", f"tags.`bench.invocation` = '{name}'"):
+        for run in client.search_runs([exp_id], filter_string=query):
+            found[run.info.run_id] = run
+    for parent in [r for r in found.values() if r.data.tags.get("bench.kind") == "invocation"]:
+        for child in client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"):
+            found[child.info.run_id] = child
+    return list(found.values())
+
+
+def cell_run_name(c: Cell, sets: tuple[str, ...] = ()) -> str:
+    """What tells a cell's run apart first (method, N, C), then classes per client, seed and data."""
+    cfg = c.identity(sets)["config"]
+    data = Path(c.dataset).stem.replace(":", "") + (f" sub{c.subset[0]}" if c.subset else "")
+    return (f"{c.method} · N={cfg['num_clients']} · C={cfg['participation']:g} · k={cfg['classes_per_client']} · "
+            f"seed{c.seed} · {data}")
+
+
 def tag_cell(name: str, c: Cell, recipe: str, ctx: Context) -> None:
-    """MLflow tags for the dashboards: recipe (every recipe that used the cell), scale, cell, the swept value;
-    child runs are renamed '<algo>-seed<k> · <setting>' so the compare view tells them apart."""
+    """MLflow tags for the dashboards: recipe (every recipe that used the cell), scale, cell, the swept value.
+    A cell is one run: it is shown as one top-level run named by cell_run_name, not nested under a parent
+    that only repeats it (the parent is deleted; the results folder keeps everything)."""
     client, exp_id = mlflow_client(ctx)
     if client is None:
         return
-    for parent in client.search_runs([exp_id], filter_string=f"attributes.run_name = '{name}'"):
-        used = set(filter(None, parent.data.tags.get("recipe", "").split(",")))
-        tags = {"recipe": ",".join(sorted(used | {recipe})), "scale": ctx.scale.name, "cell": name,
-                "group": c.group, "method": c.method}
-        if c.x is not None:
-            tags["sweep_value"] = str(c.x)
-        children = client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-        for run in [parent, *children]:
-            for k, v in tags.items():
-                client.set_tag(run.info.run_id, k, v)
-        for child in children:
-            label = f"{c.method}-seed{c.seed} · {c.group}"
-            if child.info.run_name != label:
-                client.update_run(child.info.run_id, name=label)
+    runs = cell_runs(client, exp_id, name)
+    parents = [r for r in runs if r.data.tags.get("bench.kind") == "invocation"]
+    members = [r for r in runs if r not in parents]
+    used = set()
+    for run in runs:
+        used |= set(filter(None, run.data.tags.get("recipe", "").split(",")))
+    tags = {"recipe": ",".join(sorted(used | {recipe})), "scale": ctx.scale.name, "cell": name,
+            "group": c.group, "method": c.method}
+    if c.x is not None:
+        tags["sweep_value"] = str(c.x)
+    label = cell_run_name(c, ctx.sets)
+    for run in members:
+        for k, v in tags.items():
+            client.set_tag(run.info.run_id, k, v)
+        if run.info.run_name != label:
+            client.update_run(run.info.run_id, name=label)
+        if len(members) == 1 and "mlflow.parentRunId" in run.data.tags:
+            client.delete_tag(run.info.run_id, "mlflow.parentRunId")
+    for parent in parents if len(members) == 1 else []:
+        client.delete_run(parent.info.run_id)
+
+
+def log_recipe_run(name: str, out: Path, ctx: Context, manifest: dict[str, Any]) -> None:
+    """One MLflow run per recipe holding its tables, figures and manifest (the recipe's earlier run is
+    replaced); its cells' runs carry the tag recipe=<name>."""
+    from bench.callbacks.mlflow_meta import common_tags
+
+    client, exp_id = mlflow_client(ctx)
+    if client is None:
+        return
+    query = f"tags.`bench.kind` = 'recipe' and tags.recipe = '{name}'"
+    for old in client.search_runs([exp_id], filter_string=query):
+        client.delete_run(old.info.run_id)
+    counts = manifest.get("counts", {})
+    note = (f"Recipe `{name}` ({RECIPES[name].spec}): {RECIPES[name].description}. Scale {ctx.scale.name}; "
+            f"{len(manifest.get('cells', []))} runs ({counts.get('ran', 0)} run, {counts.get('reused', 0)} reused, "
+            f"{counts.get('failed', 0)} failed); its runs: filter tags.recipe LIKE '%{name}%'.")
+    run = client.create_run(exp_id, run_name=f"{name} · {ctx.scale.name}",
+                            tags={"bench.kind": "recipe", "recipe": name, "scale": ctx.scale.name,
+                                  "role": "recipe", **common_tags(note)})
+    run_id = run.info.run_id
+    client.log_param(run_id, "seeds", ",".join(map(str, manifest.get("seeds", []))))
+    client.log_param(run_id, "methods", ",".join(manifest.get("methods", [])))
+    for key, value in {**counts, "wall_s": manifest.get("wall_s", 0)}.items():
+        client.log_metric(run_id, key, float(value))
+    client.log_artifacts(run_id, str(out))
+    client.set_terminated(run_id, "FINISHED")
 
 
 def plan_cell(c: Cell, ctx: Context, datasets: dict[str, str]) -> tuple[dict[str, Any], Any]:
@@ -619,6 +672,7 @@ def run_recipe(name: str, ctx: Context, dry_run: bool = False) -> dict[str, Any]
     sections = recipe.make(runs, by_source, out)
     manifest = write_manifest(out, name, ctx, records, datasets, time.perf_counter() - start)
     save_sections(out, sections)
+    log_recipe_run(name, out, ctx, manifest)
     write_paper_index(ctx.out)
     return manifest
 

@@ -256,6 +256,7 @@ def search_all(client, exp_ids: list[str]) -> list:
 def mlflow_run(client, run) -> Run:
     tags = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")}
     params = unflatten(run.data.params)
+    params.setdefault("hparams", params.get(run.data.tags.get("algorithm"), {}))  # logged namespaced: pfedlora.rank
     series: dict[str, dict[int, float]] = {}
     summary: dict[str, Any] = {}
     for name in run.data.metrics:

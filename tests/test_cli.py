@@ -41,7 +41,7 @@ def test_run_logs_parent_and_children_to_mlflow_and_results_folder(tmp_path):
     assert set(children) == {"pfedlora-seed3", "standalone-seed3"}
     for key, run in children.items():
         assert run.info.status == "FINISHED"
-        assert run.data.params["hparams.rank" if key.startswith("pfedlora") else "seed"] == ("8" if key.startswith("pfedlora") else "3")
+        assert run.data.params["pfedlora.rank" if key.startswith("pfedlora") else "seed"] == ("8" if key.startswith("pfedlora") else "3")
         assert run.data.tags["algorithm"] == key.split("-")[0]
         rows = list(csv.DictReader(open(out / "e2e" / "runs" / key / "metrics.csv")))
         assert [int(r["step"]) for r in rows] == [0, 1, 2]

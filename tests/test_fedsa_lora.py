@@ -80,7 +80,13 @@ def test_one_step_trains_a_b_and_the_header_from_the_downloaded_a():
 @pytest.mark.parametrize("aggregation", ["samples", "uniform"])
 def test_server_a_is_the_weighted_mean_per_layer_and_shape(aggregation):
     sim = make_sim({"aggregation": aggregation}, participation=1.0)
+    with torch.no_grad():  # non-zero B: A moves in the round's one step, differently on each client
+        for client in sim.clients:
+            for name, p in client.state["model"].named_parameters():
+                if name.endswith("lora_B"):
+                    p.normal_(0, 0.5)
     seen = capture_uploads(sim)
+    before = {k: v.clone() for k, v in sim.algo.global_a.items()}
     sim.run_round(0)
     uploads = seen[0]
     n = {c.id: c.num_train for c in sim.clients}
@@ -89,7 +95,12 @@ def test_server_a_is_the_weighted_mean_per_layer_and_shape(aggregation):
         ids = [c for c in uploads if key in uploads[c]]
         w = {c: (n[c] if aggregation == "samples" else 1.0) for c in ids}
         expected = sum(uploads[c][key] * w[c] for c in ids) / sum(w.values())
+        other = sum(uploads[c][key] * (1.0 if aggregation == "samples" else n[c]) for c in ids) / \
+            sum(1.0 if aggregation == "samples" else n[c] for c in ids)
         torch.testing.assert_close(value, expected)
+        moved = float((expected - before[key]).abs().max())
+        assert moved > 1e-3  # the mean is not the server's old A
+        assert len(ids) == 1 or float((other - expected).abs().max()) > 0.01 * moved  # the weights matter
     # block 0's q: the width-64 clients (0, 1, 2) and the width-32 ones (3, 4) are separate layers
     keys = sorted(k for k in sim.algo.global_a if k.startswith("extractor.blocks.0.attn.q@"))
     assert keys == ["extractor.blocks.0.attn.q@32x32.lora_A", "extractor.blocks.0.attn.q@64x64.lora_A"]

@@ -22,7 +22,7 @@ import torch
 pytest.importorskip("flwr")
 
 import bench.flower  # noqa: E402
-from bench.config import RunConfig, resolve_dataset_defaults  # noqa: E402
+from bench.config import resolve_dataset_defaults  # noqa: E402
 from bench.plan import client_splits  # noqa: E402
 from bench.registry import resolve_algorithms  # noqa: E402
 from bench.simulator import Simulation  # noqa: E402

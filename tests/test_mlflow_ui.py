@@ -104,7 +104,8 @@ def alive(pid: int) -> bool:
 def test_bench_ui_leaves_nothing_running(sig, tmp_path):
     from bench.callbacks.mlflow_client import MlflowConnection
 
-    MlflowConnection(f"sqlite:///{tmp_path / 'mlflow.db'}").experiment("mhpfl-bench", tmp_path / "mlartifacts")
+    exp_id = MlflowConnection(f"sqlite:///{tmp_path / 'mlflow.db'}").experiment("mhpfl-bench",
+                                                                                 tmp_path / "mlartifacts")
     port = free_port()
     log = open(tmp_path / "ui.log", "w")
     # Its own session, like a shell's foreground job: Ctrl-C reaches this group only (bench, not the server).
@@ -131,7 +132,11 @@ def test_bench_ui_leaves_nothing_running(sig, tmp_path):
     survivors = {pid: cmd for pid, cmd in started.items() if alive(pid)}
     assert survivors == {}, survivors
     assert port_is_free(port)
-    assert "MLflow UI stopped" in (tmp_path / "ui.log").read_text()
+    printed = (tmp_path / "ui.log").read_text()
+    assert "MLflow UI stopped" in printed
+    # The URL opens the runs table (not MLflow 3's GenAI overview of an experiment), one line per experiment.
+    assert (f"runs of mhpfl-bench: http://127.0.0.1:{port}/#/experiments/{exp_id}/runs"
+            "?workflowType=machine_learning") in printed
 
 
 def test_bench_ui_refuses_a_port_in_use(tmp_path, monkeypatch, capsys):

@@ -143,14 +143,14 @@ def test_recipes_reuse_finished_runs_extend_and_rerun_unfinished(tiny, monkeypat
     calls.clear()
     assert paper.run_recipe("t1", tiny)["counts"] == {"ran": 1, "reused": 7, "failed": 0}
     assert calls == [broken]
-    parents = [r for r in client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{broken}'")]
-    assert len(parents) == 1  # the old parent was deleted
+    runs_of = paper.cell_runs(client, exp.experiment_id, broken)
+    assert len(runs_of) == 1 and "mlflow.parentRunId" not in runs_of[0].data.tags  # old runs deleted; not nested
 
     # MLflow dashboards: tags say which recipes used a run; children are named by method and setting.
     runs = client.search_runs([exp.experiment_id], filter_string="tags.algorithm = 'pfedlora'")
     assert runs and all({"recipe", "scale", "cell", "setting", "seed", "dataset"} <= set(r.data.tags) for r in runs)
     assert {r.data.tags["recipe"] for r in runs} >= {"cost,t1"}
-    assert all(r.info.run_name.startswith("pfedlora-seed") and " · " in r.info.run_name for r in runs)
+    assert all(r.info.run_name.startswith("pfedlora · N=") for r in runs)
 
     # Reports folder: the index shows every output of both recipes; manifests hold configs, seeds, versions, commit.
     index = (tiny.out / "index.md").read_text()

@@ -16,18 +16,10 @@ from typing import Any, Callable
 
 from bench.callbacks.base import Callback, InvocationInfo, RunInfo
 from bench.callbacks.mlflow_client import MlflowConnection, fast_failure, one_line
+from bench.callbacks.mlflow_meta import (dataset_input, flatten, invocation_params, invocation_tags,  # noqa: F401
+                                         parent_metrics, run_params, run_tags, setting_of)
 from bench.errors import UserError
 from bench.store import ResultsStore, default_tracking_uri
-
-
-def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    out = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = str(value)
-    return out
 
 
 def metric_batch(row: dict[str, Any], last: dict[str, int], step: int) -> list:
@@ -43,12 +35,17 @@ class MlflowCallback(Callback):
     """`strict=False` (a run): the first failure warns once and turns the callback off. `strict=True`
     (`bench sync`): failures raise."""
 
-    def __init__(self, conn: MlflowConnection, experiment_id: str, store: ResultsStore, *, strict: bool = False):
+    def __init__(self, conn: MlflowConnection, experiment_id: str, store: ResultsStore, *, strict: bool = False,
+                 system_metrics: bool = False):
         self.conn, self.client, self.experiment_id = conn, conn.client, experiment_id
         self.tracking_uri = conn.tracking_uri
         self.store, self.strict = store, strict
         self.disabled = False
         self.parent_id: str | None = None
+        self.invocation = store.root.name
+        self.summaries: dict[str, tuple[str, dict[str, Any]]] = {}  # run key -> (algorithm, summary): the parent's
+        self.system_metrics = system_metrics
+        self.monitors: dict[str, Any] = {}  # run key -> MLflow's system metrics monitor (system_metrics=True)
         self.run_ids: dict[str, str] = {}
         self.logged: dict[str, dict[str, int]] = {}  # run key -> metric -> last step MLflow holds (resumed runs)
 
@@ -84,18 +81,20 @@ class MlflowCallback(Callback):
         self._call(self._resume_invocation if resumed else self._start_invocation, info)
 
     def _start_invocation(self, info: InvocationInfo) -> None:
-        run = self.client.create_run(self.experiment_id, run_name=info.name, tags={"bench.kind": "invocation"})
+        self.invocation = info.name
+        tags = invocation_tags(info.name, info.config, setting_of(info.config))
+        run = self.client.create_run(self.experiment_id, run_name=info.name, tags=tags)
         self.parent_id = run.info.run_id
         self.store.record_mlflow(tracking_uri=self.tracking_uri, experiment_id=self.experiment_id,
                                  parent_run_id=self.parent_id)
-        self.conn.log_params(self.parent_id, flatten(info.config))
+        self.conn.log_params(self.parent_id, invocation_params(info.config))
 
     def _resume_invocation(self, info: InvocationInfo) -> None:
         parent = self.conn.existing(self._recorded(None))
         if parent is None:
             self._start_invocation(info)
         else:
-            self.parent_id = parent
+            self.parent_id, self.invocation = parent, info.name
             self.client.update_run(parent, status="RUNNING")
 
     def on_run_kept(self, key: str, summary: dict[str, Any]) -> None:
@@ -104,15 +103,19 @@ class MlflowCallback(Callback):
     def on_run_start(self, run: RunInfo, resumed_from: int | None) -> None:
         if resumed_from is None:
             self._call(self._start_run, run.key, run.params, run.tags)
+            self._call(self._start_monitor, run.key)
         else:
             self._call(self._reopen_run, run.key, run.params, run.tags, run.history)
 
     def _start_run(self, key: str, params: dict[str, Any], tags: dict[str, str]) -> None:
-        run_tags = {**tags, "mlflow.parentRunId": self.parent_id} if self.parent_id else dict(tags)
-        run = self.client.create_run(self.experiment_id, run_name=key, tags=run_tags)
-        self.run_ids[key] = run.info.run_id
-        self.store.record_mlflow(key, tracking_uri=self.tracking_uri, run_id=run.info.run_id)
-        self.conn.log_params(run.info.run_id, flatten(params))
+        mlflow_tags = run_tags(key, params, tags, self.invocation)
+        if self.parent_id:
+            mlflow_tags["mlflow.parentRunId"] = self.parent_id
+        run = self.client.create_run(self.experiment_id, run_name=key, tags=mlflow_tags)
+        run_id = self.run_ids[key] = run.info.run_id
+        self.store.record_mlflow(key, tracking_uri=self.tracking_uri, run_id=run_id)
+        self.conn.log_params(run_id, run_params(params))
+        self.client.log_inputs(run_id, datasets=[dataset_input(params, tags)])
 
     def _reopen_run(self, key: str, params: dict[str, Any], tags: dict[str, str], rows: list[dict[str, Any]]) -> None:
         """Reopen the run MLflow already has (or create it), then upload the rows it misses; later steps are
@@ -125,6 +128,7 @@ class MlflowCallback(Callback):
             self.run_ids[key] = run_id
             self.conn.flush(run_id)  # rounds still queued from before (a retried Ray run) count as held
             self.client.update_run(run_id, status="RUNNING")
+        self._start_monitor(key)
         last = self.conn.last_steps(run_id)
         missing = [m for row in rows for m in metric_batch(row, last, int(row["step"]))]
         self.conn.log_metrics(run_id, missing)
@@ -142,8 +146,27 @@ class MlflowCallback(Callback):
         self._end(run.key, summary, status)
 
     def _end(self, key: str, summary: dict[str, Any], status: str) -> None:
+        algorithm = self.store.run_config(key).get("tags", {}).get("algorithm") or key.rsplit("-seed", 1)[0]
+        if status == "FINISHED":
+            self.summaries[key] = (algorithm, summary)
+        self._stop_monitor(key)
         if key in self.run_ids:
             self._call(self._end_run, key, summary, status)
+
+    def _start_monitor(self, key: str) -> None:
+        """MLflow's system metrics (CPU, memory, GPU; `system/...`) for the run, when asked for."""
+        if self.system_metrics and key in self.run_ids and key not in self.monitors:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(self.run_ids[key], resume_logging=key in self.logged,
+                                           tracking_uri=self.tracking_uri)
+            monitor.start()
+            self.monitors[key] = monitor
+
+    def _stop_monitor(self, key: str) -> None:
+        monitor = self.monitors.pop(key, None)
+        if monitor is not None:
+            self._call(monitor.finish)
 
     def _end_run(self, key: str, summary: dict[str, Any], status: str) -> None:
         from mlflow.entities import Metric
@@ -170,7 +193,17 @@ class MlflowCallback(Callback):
             self._call(self._end_invocation, artifacts, status)
 
     def _end_invocation(self, artifacts: list[Path], status: str) -> None:
+        from mlflow.entities import Metric
+
+        for key in list(self.monitors):
+            self._stop_monitor(key)
         self.conn.flush_all()  # rounds of runs that never reached their end
+        now = int(time.time() * 1000)
+        held = self.client.get_run(self.parent_id).data.metrics
+        summary = [Metric(name, value, now, 0) for name, value in parent_metrics(self.summaries).items()
+                   if held.get(name) != value]
+        if summary:
+            self.conn.log_metrics(self.parent_id, summary)
         for path in artifacts:
             if Path(path).exists():
                 self.client.log_artifact(self.parent_id, str(path))
@@ -195,14 +228,17 @@ class MlflowCallback(Callback):
 
 
 def make_mlflow_callback(tracking_uri: str, experiment: str, output_dir: Path, store: ResultsStore, *,
-                         strict: bool = False) -> MlflowCallback | None:
+                         strict: bool = False, system_metrics: bool = False) -> MlflowCallback | None:
     """The MLflow callback, or (not strict) None with one warning if the store cannot be opened: the results
-    folder is still written, and marked for `bench sync`."""
+    folder is still written, and marked for `bench sync`. `system_metrics`: MLflow's CPU/memory/GPU metrics
+    per run (needs psutil)."""
+    if system_metrics:
+        check_system_metrics()
     try:
         with fast_failure():
             conn = MlflowConnection(tracking_uri)  # opens (and on first use migrates) the store
             experiment_id = conn.retry(conn.experiment, experiment, (Path(output_dir) / "mlartifacts").resolve())
-        return MlflowCallback(conn, experiment_id, store, strict=strict)
+        return MlflowCallback(conn, experiment_id, store, strict=strict, system_metrics=system_metrics)
     except Exception as err:  # the results folder must not depend on the store being up
         if strict:
             raise
@@ -211,6 +247,15 @@ def make_mlflow_callback(tracking_uri: str, experiment: str, output_dir: Path, s
         warnings.warn(f"MLflow store {tracking_uri} unavailable ({one_line(err)}); the run continues and writes "
                       f"its results folder {root}: upload it later with `bench sync {root}`", stacklevel=2)
         return None
+
+
+def check_system_metrics() -> None:
+    """System metrics need psutil (not a dependency of bench): refuse the option, before the run, without it."""
+    try:
+        import psutil  # noqa: F401
+    except ImportError:
+        raise UserError("system_metrics needs the psutil package (pip install psutil); valid: install it, or "
+                        "run without --system-metrics / system_metrics=true") from None
 
 
 def sync_results(root: Path, tracking_uri: str | None = None) -> dict[str, Any]:

@@ -21,6 +21,7 @@ partition file at another path than the server's) and `device`."""
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 from typing import Any, Callable
 
@@ -28,6 +29,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from algorithms.base import Algorithm
 from bench.accounting import FLOP_KINDS, FlopAccountant
 from bench.checkpoint import Packer, unpack
 from bench.config import RunConfig
@@ -37,7 +39,7 @@ from bench.flower import records
 from bench.flower.link import error_reply
 from bench.flower.server import server_state
 from bench.plan import Inputs, load_inputs, resolve_device
-from bench.registry import resolve_algorithms
+from bench.registry import find_algorithm
 from bench.state import ClientStore
 from bench.training import run_updates
 from data.partition import FILE_PREFIX
@@ -92,7 +94,7 @@ class Session:
             torch.set_num_threads(cfg.threads)
         inputs = inputs_for(cfg, device, run)
         splits = inputs.splits[run["seed"]]
-        algo_cls = resolve_algorithms([run["algorithm"]])[0]
+        algo_cls = algorithm_class(run)
         accountant = FlopAccountant(cache=cfg.flop_cache)
         key = run["key"]
         forget_other_runs(context, key)
@@ -136,6 +138,25 @@ class Session:
         if content.config_records["bench"]["server"] == "update":
             records.put_state(out, "server", records.pack_state(server_state(self.algo, "update"), "server state",
                                                                 self.algo.name))
+
+
+def algorithm_class(run: dict[str, Any]) -> type:
+    """The run's algorithm: by its registered name, else (a class registered by hand where the server runs, e.g.
+    bench.registry.register in a notebook) the same class imported here by its module path."""
+    cls = find_algorithm(run["algorithm"])
+    if cls is not None:
+        return cls
+    module, _, qualname = run["class"].partition(":")
+    try:
+        found: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            found = getattr(found, part)
+    except (ImportError, AttributeError):
+        raise UserError(f"algorithm {run['algorithm']!r} is neither registered nor importable ({run['class']}) "
+                        "where this ClientApp runs; install the plugin on every SuperNode") from None
+    if not (isinstance(found, type) and issubclass(found, Algorithm)):
+        raise UserError(f"{run['class']} is not an algorithm (a subclass of algorithms.base.Algorithm)")
+    return found
 
 
 def node_config(cfg: RunConfig, context: Context) -> tuple[RunConfig, torch.device]:

@@ -18,7 +18,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from bench.accounting import transmit
-from bench.checkpoint import CheckpointError, Packer, unpack
+from bench.checkpoint import CheckpointError, Packer, rng_state, set_rng_state, unpack
 from bench.errors import UserError
 
 RAW = "bench.torch-raw"  # Array.stype of a tensor sent as its raw bytes (a dtype numpy lacks)
@@ -108,17 +108,9 @@ def get_state(content: RecordDict, name: str, template: Any, device: torch.devic
                         template, device, what)
 
 
-def drop_state(content: RecordDict, name: str) -> None:
-    for suffix in (".arrays", ".meta"):
-        if name + suffix in content:
-            del content[name + suffix]
-
-
 # ---- the RNG states that travel with every message ----------------------------------------------------------
 def rng_pack(generator: torch.Generator) -> tuple[ArrayRecord, ConfigRecord, int]:
     """The run's augmentation generator and the process-wide RNGs (torch, numpy, python)."""
-    from bench.checkpoint import rng_state
-
     packer = Packer()
     spec = {"augment": packer.pack(generator, "rng/augment"), **rng_state(packer)}
     arrays = ArrayRecord({key: to_array(t) for key, t in packer.tensors.items()})
@@ -127,8 +119,6 @@ def rng_pack(generator: torch.Generator) -> tuple[ArrayRecord, ConfigRecord, int
 
 def rng_restore(content: RecordDict, generator: torch.Generator) -> None:
     """Set the generator and the process-wide RNGs to the states `rng_pack` put in `content`."""
-    from bench.checkpoint import set_rng_state
-
     tensors = {key: from_array(a, torch.device("cpu")) for key, a in content.array_records["rng.arrays"].items()}
     spec = json.loads(str(content.config_records["rng.meta"]["json"]))
     unpack(spec["augment"], tensors, generator)

@@ -49,6 +49,7 @@ class FlowerSimulation(Simulation):
         super().__init__(cfg, algo_cls, seed, data, splits, device, hparams=hparams)
         self.link = link
         self.run = json.dumps({"key": key, "cfg": cfg.to_dict(), "algorithm": algo_cls.name, "seed": seed,
+                               "class": f"{algo_cls.__module__}:{algo_cls.__qualname__}",
                                "hparams": dataclasses.asdict(self.algo.hp), "partition_hash": partition_hash})
         self.delivered: set[int] = set()     # clients holding their initial state
         self.extra = {"state": 0, "rng": 0}  # bytes besides the payloads, this round
@@ -160,7 +161,7 @@ class FlowerSimulation(Simulation):
         self.take_reply(cid, reply.content, sharing == "update")
         if cid not in self.delivered:  # the client holds its state now: the server keeps none
             self.delivered.add(cid)
-            self.clients[cid].state = {}
+            self.clients[cid].state = RemoteState(self.algo.name, cid)
             self.store.put(cid, self.clients[cid].state)
         return reply
 
@@ -178,6 +179,23 @@ class FlowerSimulation(Simulation):
         for name, value, weight in json.loads(str(content.config_records["recorded"]["json"])):
             self.ctx.record(name, torch.tensor(value, dtype=torch.float32), weight)
 
+
+
+class RemoteState(dict):
+    """A client's state as the server sees it once the client holds it: nothing. A server hook that reads it (a
+    plugin whose server code looks into client.state) gets one line saying so instead of a KeyError."""
+
+    def __init__(self, algorithm: str, cid: int):
+        super().__init__()
+        self.algorithm, self.cid = algorithm, cid
+
+    def __getitem__(self, key: Any) -> Any:
+        raise UserError(f"{self.algorithm}: a server hook reads client {self.cid}'s state[{key!r}]; under Flower a "
+                        "client's state lives on its SuperNode and server hooks see only client.id, client.arch and "
+                        "client.split (keep what the server needs on the server, e.g. learnt from the uploads)")
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return self[key]
 
 
 def server_state(algo: Any, sharing: str) -> dict[str, Any]:
