@@ -266,4 +266,5 @@ def mlflow_runs(store: Path) -> list[tuple[str, list[int]]]:
     client = mlflow.tracking.MlflowClient(f"sqlite:///{store}")
     found = client.search_runs([e.experiment_id for e in client.search_experiments()],
                                filter_string="tags.algorithm = 'pfedlora'")
-    return [(r.info.status, [m.step for m in client.get_metric_history(r.info.run_id, "acc_mean")]) for r in found]
+    return [(r.info.status, [m.step for m in client.get_metric_history(r.info.run_id, "acc_mean")])
+            for r in found if "mlflow.parentRunId" in r.data.tags]  # the (algorithm, seed) runs, not their parents
