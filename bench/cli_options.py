@@ -68,11 +68,14 @@ def output_dir_option(help: str, legacy_out: bool = False, **kwargs):
 def executor_options(command):
     """--executor and the Ray options, shared by `bench run`, `bench resume` and `bench paper`."""
     options = [
-        click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+        click.option("--executor", type=click.Choice(["local", "ray", "flower"]), default="local",
+                     show_default=True,
                      help="local: runs one after the other here; ray: each (algorithm, seed, setting) run is a "
-                          "Ray task, in parallel."),
+                          "Ray task, in parallel; flower: through Flower's simulation engine, every client a "
+                          "ClientApp (needs the flower extra)."),
         click.option("--cpus-per-run", type=float, default=1.0, show_default=True,
-                     help="Ray: CPUs each run requests (also its torch threads)."),
+                     help="Ray: CPUs each run requests (also its torch threads); flower: the CPUs of the "
+                          "ClientApps' Ray actor."),
         click.option("--gpus-per-run", type=float,
                      help="Ray: GPUs each run requests, fractions allowed [default: 1 if the cluster has GPUs "
                           "and --device is not cpu, else 0]."),

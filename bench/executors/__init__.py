@@ -4,6 +4,8 @@ setting with `open_invocation` (bench/runner.py), runs its pending runs and clos
     local.py   LocalExecutor: here, one run after the other (the default)
     ray.py     RayExecutor: every (algorithm, seed, setting) run of a grid is one Ray task, in parallel, on a
                local Ray instance or an existing cluster; workers forward their events to this process
+    flower.py  FlowerExecutor: every client a Flower ClientApp (simulation engine here, or a deployed Grid);
+               needs the flower extra
 
 `ExecutorOptions` holds what the command line chose (`--executor`, `--cpus-per-run`, ...); `make_executor`
 turns it into an executor."""
@@ -32,7 +34,7 @@ class Executor(ABC):
 
 @dataclass
 class ExecutorOptions:
-    kind: str = "local"                  # local | ray
+    kind: str = "local"                  # local | ray | flower
     cpus_per_run: float = 1.0            # Ray resource request of each run (also its torch threads)
     gpus_per_run: float | None = None    # fractions allowed; None: 1 if the runs use a GPU and the cluster has one
     address: str | None = None           # Ray cluster address; None: RAY_ADDRESS, else a local Ray instance
@@ -67,5 +69,6 @@ def executor_from_cli(executor: str, cpus_per_run: float, gpus_per_run: float | 
 
 from bench.executors.local import LocalExecutor  # noqa: E402
 from bench.executors.ray import RayExecutor  # noqa: E402
+from bench.executors.flower import FlowerExecutor  # noqa: E402
 
-EXECUTORS: dict[str, type] = {"local": LocalExecutor, "ray": RayExecutor}
+EXECUTORS: dict[str, type] = {"local": LocalExecutor, "ray": RayExecutor, "flower": FlowerExecutor}
