@@ -138,7 +138,10 @@ class Algorithm:
     @classmethod
     def hparams_for(cls, cfg: Any) -> Any:
         """The run's typed hyper-parameters: the profile's values, then the config's own overrides on top."""
-        return cls.make_hparams({**cls.profiles.get(cfg.profile, {}), **(cfg.algo.get(cls.name) or {})})
+        from bench.registry import canonical_algorithm_name
+
+        table = cfg.algo.get(cls.name) or cfg.algo.get(canonical_algorithm_name(cls.name))  # config keys: canonical
+        return cls.make_hparams({**cls.profiles.get(cfg.profile, {}), **(table or {})})
 
     # ---- checkpointing -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

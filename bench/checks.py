@@ -29,6 +29,10 @@ def validate_config(cfg: RunConfig) -> None:
     validate_numbers(cfg)
     validate_names(cfg)
     validate_components(cfg)
+    if cfg.model_init:  # the checkpoint file is read (weights_only) and checked before any data loads
+        from models.pretrained import read_init_file
+
+        read_init_file(cfg.model_init)
 
 
 def validate_numbers(cfg: RunConfig) -> None:

@@ -71,6 +71,10 @@ class RunConfig:
     experiment: str = field(default="mhpfl-bench", metadata=SETUP)
     # log MLflow's system metrics (CPU, memory, GPU: system/...) on every run; needs psutil
     system_metrics: bool = field(default=False, metadata=SETUP)
+    # initial weights for every client model from this checkpoint file (torch.save of a state_dict, or of
+    # {arch: state_dict}; loaded with weights_only=True; headers may differ); None: a random initialisation.
+    # --set model.init=PATH or a [model] table with init = PATH
+    model_init: str | None = None
     profile: str = "spec"             # reference profile of every algorithm's options: spec (SPEC.md), official (the
                                       # authors' released code), htfllib (HtFLlib); algorithms/README.md has the tables
     # Per-algorithm hyper-parameters, e.g. {"pfedlora": {"rank": 32}}; TOML tables / --set pfedlora.rank=32.
@@ -151,6 +155,12 @@ def apply_overrides(cfg: RunConfig, values: dict[str, Any], source: str) -> None
         if key == "algo":
             apply_algorithm_tables(cfg, value, source)
             continue
+        if key == "model" and isinstance(value, dict) or key.startswith("model."):  # [model] init=..., model.init=
+            table = value if key == "model" else {key.partition(".")[2]: value}
+            extra = sorted(set(table) - {"init"})
+            if extra:
+                raise UserError(f"{source}: unknown model setting {extra[0]!r}; valid: model.init")
+            key, value = "model_init", table.get("init")
         if key not in FIELDS and "." not in key and is_algorithm(key):
             if not isinstance(value, dict):
                 raise UserError(f"{source}: {key} is an algorithm; set its hyper-parameters as {key}.NAME=VALUE "

@@ -59,7 +59,12 @@ class RunContext:
 
     # ---- models and optimisers ------------------------------------------------------------------
     def build_model(self, arch: str) -> SplitModel:
-        return build_model(arch, self.num_classes, self.in_channels, self.image_size).to(self.device)
+        model = build_model(arch, self.num_classes, self.in_channels, self.image_size).to(self.device)
+        if self.cfg.model_init:  # a user's checkpoint (models/pretrained.py): same start for every client of arch
+            from models.pretrained import load_model_init
+
+            load_model_init(model, self.cfg.model_init, arch)
+        return model
 
     def representation_dim(self, arch: str) -> int:
         with torch.device("meta"):  # no memory, no RNG draws

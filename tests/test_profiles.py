@@ -56,3 +56,21 @@ def test_unknown_profile_on_the_cli_is_one_line_exit_2(tmp_path):
     assert result.returncode == 2
     assert result.stderr.splitlines() == ["error: unknown profile 'nope'; valid: spec, official, htfllib"]
     assert not any(tmp_path.iterdir())
+
+
+def test_overrides_reach_an_algorithm_whose_name_is_not_canonical():
+    """Config tables are stored under the canonical name ('my-algo' -> 'myalgo'); hparams_for finds them."""
+    from dataclasses import dataclass
+
+    from algorithms.base import Algorithm
+    from bench.config import RunConfig
+
+    @dataclass
+    class HP:
+        rank: int = 4
+
+    class Hyphenated(Algorithm):
+        name = "my-algo"
+        Hyperparams = HP
+
+    assert Hyphenated.hparams_for(RunConfig(algo={"myalgo": {"rank": 9}})).rank == 9
