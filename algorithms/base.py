@@ -88,6 +88,9 @@ class Algorithm:
     # True when predictions depend on server state (FedAvg's global model): then every client is
     # re-evaluated each round; otherwise only the clients whose state changed (the sampled ones).
     prediction_uses_server_state: ClassVar[bool] = False
+    # The model group the conformance kit and the generic tests run it on: None means "cnn-hetero" ("cnn5-homo"
+    # when homogeneous_only); methods that need other layers name a group of their family (LoRA: a ViT group).
+    example_model_group: ClassVar[str | None] = None
     # False when the clients' local updates share mutable algorithm state (FML's working meme, a momentum
     # carried from client to client): the simulator then runs them one after the other, even under
     # cfg.batched_training (which otherwise interleaves them to train their plain phases together).
@@ -134,6 +137,11 @@ class Algorithm:
         if check is not None:
             check()
         return hp
+
+    @classmethod
+    def example_group(cls) -> str:
+        """The model group to try this algorithm on when none is given (see example_model_group)."""
+        return cls.example_model_group or ("cnn5-homo" if cls.homogeneous_only else "cnn-hetero")
 
     @classmethod
     def hparams_for(cls, cfg: Any) -> Any:

@@ -41,6 +41,7 @@ class FedSALoRAHyperparams:
 
 class FedSALoRA(LoRAMethod):
     name = "fedsalora"  # `--algo fedsa-lora` works too (names are canonicalised)
+    example_model_group = "vit-small-hetero"  # LoRA targets the transformer blocks' linear layers
     display_name, role, table_order, colour = "FedSA-LoRA", "baseline", 78, "#637939"
     description = "LoRA with A shared (averaged) and B kept local"
     Hyperparams = FedSALoRAHyperparams

@@ -48,6 +48,7 @@ class FLoRAHyperparams:
 
 class FLoRA(LoRAMethod):
     name = "flora"
+    example_model_group = "vit-small-hetero"  # LoRA targets the transformer blocks' linear layers
     display_name, role, table_order, colour = "FLoRA", "baseline", 77, "#e7ba52"
     description = "stacked LoRA factors: the exact weighted sum of the clients' products, merged into the base"
     Hyperparams = FLoRAHyperparams

@@ -67,6 +67,7 @@ class HetLoRAHyperparams:
 
 class HetLoRA(LoRAMethod):
     name = "hetlora"
+    example_model_group = "vit-small-hetero"  # LoRA targets the transformer blocks' linear layers
     display_name, role, table_order, colour = "HetLoRA", "baseline", 76, "#393b79"
     description = "heterogeneous LoRA ranks: truncation down, rank self-pruning, sparsity-weighted zero-padded mean"
     Hyperparams = HetLoRAHyperparams

@@ -684,6 +684,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     names = args.algo or [n for n, cls in registry.items() if cls.role != "reference"]  # the seven; others: --algo
     homogeneous = is_homogeneous(plan.model_group)
     names = [n for n in names if not registry[n].homogeneous_only or homogeneous]
+    if not args.algo:  # methods of another model family (the LoRA methods on ViTs): benchmarks/vit_speed.py
+        names = [n for n in names if registry[n].example_model_group is None]
     plan.algorithms = names
     out_dir = args.out or (Path(tempfile.mkdtemp(prefix="speed-tiny-")) if args.tiny else DEFAULT_OUT)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,7 @@ def test_every_builtin_passes(name):
     threads = torch.get_num_threads()
     result = check_algorithm(algorithms()[name])
     assert result.algorithm == algorithms()[name].name and result.checks == CHECKS
-    assert result.settings["model_group"] == ("cnn5-homo" if algorithms()[name].homogeneous_only else "cnn-hetero")
+    assert result.settings["model_group"] == algorithms()[name].example_group()
     assert torch.get_num_threads() == threads  # the kit restores the thread count
 
 

@@ -123,7 +123,8 @@ SYNC_IN_STEP: dict[str, str] = {
     if n in SYNC_IN_STEP else n
     for n in sorted(algorithms()) if n != "fedavg"])
 def test_no_host_sync_inside_training_steps(simulation, algorithm):
-    sim = simulation(algorithm, rounds=2, participation=0.4, batch_size=64)
+    sim = simulation(algorithm, rounds=2, participation=0.4, batch_size=64,
+                     model_group=algorithms()[algorithm].example_group())
     calls = _guard_training(sim)
     with torch.autograd.set_detect_anomaly(True):
         for r in range(2):

@@ -47,7 +47,7 @@ def small_simulation(name: str) -> Simulation:
     cls = algorithms()[name]
     cfg = RunConfig(dataset="synthetic", num_clients=5, participation=0.6, rounds=3, batch_size=32,
                     local_epochs=1, classes_per_client=2, eval_batch_size=256,
-                    model_group="cnn5-homo" if cls.homogeneous_only else "cnn-hetero")
+                    model_group=cls.example_group())
     ds, data = small_data()
     return Simulation(cfg, cls, 0, data, client_splits(cfg, ds, 0, torch.device("cpu")), torch.device("cpu"))
 

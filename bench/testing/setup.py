@@ -62,7 +62,7 @@ class _Setup:
               config: dict[str, Any]) -> "_Setup":
         model_group = tiny.model_group
         if model_group is None:
-            model_group = "cnn5-homo" if getattr(algo_cls, "homogeneous_only", False) else "cnn-hetero"
+            model_group = algo_cls.example_group()
         elif getattr(algo_cls, "homogeneous_only", False) and not is_homogeneous(model_group):
             raise ValueError(f"{name} is homogeneous_only; give a homogeneous model_group, not {model_group!r}")
         dev = torch.device(tiny.device)
