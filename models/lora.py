@@ -106,7 +106,9 @@ def find_targets(model: nn.Module, targets: str | Sequence[str], what: str = "th
         if not matched:
             leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
             raise UserError(f"LoRA target {target!r} matches no linear layer of {what}; valid: "
-                            f"{', '.join(leaves)} (or a dotted suffix of a layer name)")
+                            f"{', '.join(leaves)} (or a dotted suffix of a layer name)"
+                            + ("; the default targets are the ViTs' attention layers: use a ViT model group, e.g. "
+                               "--model-group vit-small-hetero" if not what.startswith("vit") else ""))
         hits += matched
     return [n for n in names if n in set(hits)]
 
