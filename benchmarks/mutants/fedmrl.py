@@ -21,11 +21,4 @@ MUTATIONS = [
              new="return small.header if self.hp.share == \"model\" else small.extractor", tests=T),
     Mutation(name="fedmrl: projector not trained", file=F,
              old='Phase("matryoshka", [model, small, projector],', new='Phase("matryoshka", [model, small],', tests=T),
-    Mutation(name="fedmrl: downloaded small model not loaded", file=F,
-             old="        if payload:\n            load_payload(self.shared(small), payload)",
-             new="        if False:\n            load_payload(self.shared(small), payload)", tests=T),
-    Mutation(name="fedmrl: prediction with the small header on the coarse slice", file=F,
-             old="        return model.header(fused(model, client.state[\"small\"], client.state[\"projector\"], x))",
-             new="        return client.state[\"small\"].header(fused(model, client.state[\"small\"], "
-                 "client.state[\"projector\"], x)[:, :self.hp.homo_rep_dim])", tests=T),
 ]

@@ -5,11 +5,13 @@ F = "algorithms/fedproto.py"
 T = ("tests/test_fedproto.py",)
 
 MUTATIONS = [
-    Mutation(name="fedproto: server mean weighted by the clients' class counts (one per class per client x2)",
-             file=F, old="counts.index_add_(0, classes, torch.ones(len(classes), device=self.ctx.device))",
-             new="counts.index_add_(0, classes, 2 * torch.ones(len(classes), device=self.ctx.device))", tests=T),
-    Mutation(name="fedproto: server sums prototypes instead of averaging", file=F,
-             old="self.protos = sums / counts.clamp(min=1).unsqueeze(1)", new="self.protos = sums", tests=T),
+    Mutation(name="fedproto: server mean weighted by the clients' n_k", file=F,
+             old="            sums.index_add_(0, classes, uploads[cid][\"protos\"].float())\n"
+                 "            counts.index_add_(0, classes, torch.ones(len(classes), device=self.ctx.device))",
+             new="            n_k = float(self.ctx.client_weights[cid])\n"
+                 "            sums.index_add_(0, classes, n_k * uploads[cid][\"protos\"].float())\n"
+                 "            counts.index_add_(0, classes, n_k * torch.ones(len(classes), device=self.ctx.device))",
+             tests=T),
     Mutation(name="fedproto: distance term dropped", file=F,
              old="return ce + lam * F.mse_loss(h, target)", new="return ce", tests=T),
     Mutation(name="fedproto: distance term sign flipped", file=F,

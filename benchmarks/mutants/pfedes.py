@@ -11,9 +11,6 @@ MUTATIONS = [
              tests=T),
     Mutation(name="pfedes: mu ignored (fixed 0.5)", file=F,
              old="        mu = self.hp.mu\n", new="        mu = 0.5\n", tests=T),
-    Mutation(name="pfedes: mu and 1 - mu swapped", file=F,
-             old="return (1 - mu) * F.cross_entropy(model(x), y) + mu * F.cross_entropy(model(proxy(x)), y)",
-             new="return mu * F.cross_entropy(model(x), y) + (1 - mu) * F.cross_entropy(model(proxy(x)), y)", tests=T),
     Mutation(name="pfedes: phases swapped (proxy trained first)", file=F,
              old="        set_trainable(proxy, False)\n        set_trainable(model, True)\n"
                  "        yield Phase(\"phase1-train-model\", [model], epochs, loss=self.phase1_loss(model, proxy))\n"
@@ -31,7 +28,4 @@ MUTATIONS = [
              old="        load_payload(proxy, payload)\n", new="", tests=T),
     Mutation(name="pfedes: phase 2 ignores proxy_extra_epochs", file=F,
              old="epochs + self.hp.proxy_extra_epochs)", new="epochs)", tests=T),
-    Mutation(name="pfedes: prediction through the proxy", file=F,
-             old='        return client.state["model"](x)', new='        return client.state["model"](client.state["proxy"](x))',
-             tests=T),
 ]
