@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from algorithms.base import Payload, Phase, aggregation_weights, check_aggregation
-from algorithms.lora_common import LoRAMethod, check_common, factors_payload, arch_rank, uploaders_of
+from algorithms.lora_common import ArchRankedLoRAMethod, check_common, factors_payload, uploaders_of
 from bench.errors import UserError
 
 
@@ -46,19 +46,12 @@ class FLoRAHyperparams:
         check_aggregation("flora", self.aggregation)
 
 
-class FLoRA(LoRAMethod):
+class FLoRA(ArchRankedLoRAMethod):
     name = "flora"
     example_model_group = "vit-small-hetero"  # LoRA targets the transformer blocks' linear layers
     display_name, role, table_order, colour = "FLoRA", "baseline", 77, "#e7ba52"
     description = "stacked LoRA factors: the exact weighted sum of the clients' products, merged into the base"
     Hyperparams = FLoRAHyperparams
-
-    def client_rank(self, client_id: int) -> int:
-        return arch_rank(self.ctx.cfg.model_group, self.ctx.client_archs[client_id], self.hp.min_rank,
-                         self.hp.max_rank)
-
-    def rank_option(self) -> str:
-        return "min_rank..max_rank"
 
     def init_server(self) -> None:
         self.stacks: list[dict[str, torch.Tensor]] = []  # one per aggregation not yet merged by every client

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from algorithms.base import Payload, Phase, aggregation_weights
-from algorithms.lora_common import (LoRAMethod, check_common, factors_payload, load_factors, server_factors,
-                                    arch_rank, uploaders_of)
+from algorithms.lora_common import (ArchRankedLoRAMethod, check_common, factors_payload, load_factors, server_factors,
+                                    uploaders_of)
 from bench.errors import UserError
 
 AGGREGATIONS = ("sparsity", "samples", "uniform")
@@ -65,19 +65,12 @@ class HetLoRAHyperparams:
             raise UserError(f"hetlora.aggregation must be one of {', '.join(AGGREGATIONS)}, got {self.aggregation!r}")
 
 
-class HetLoRA(LoRAMethod):
+class HetLoRA(ArchRankedLoRAMethod):
     name = "hetlora"
     example_model_group = "vit-small-hetero"  # LoRA targets the transformer blocks' linear layers
     display_name, role, table_order, colour = "HetLoRA", "baseline", 76, "#393b79"
     description = "heterogeneous LoRA ranks: truncation down, rank self-pruning, sparsity-weighted zero-padded mean"
     Hyperparams = HetLoRAHyperparams
-
-    def client_rank(self, client_id: int) -> int:
-        return arch_rank(self.ctx.cfg.model_group, self.ctx.client_archs[client_id], self.hp.min_rank,
-                         self.hp.max_rank)
-
-    def rank_option(self) -> str:
-        return "min_rank..max_rank"
 
     def init_server(self) -> None:
         gen = torch.Generator().manual_seed(self.ctx.seed)

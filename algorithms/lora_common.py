@@ -171,3 +171,15 @@ def server_factors(layers_by_key: dict[str, tuple[int, int, int]], generator: to
         if "B" in parts:
             out[f"{key}.lora_B"] = torch.zeros(fan_out, rank, device=device)
     return out
+
+
+class ArchRankedLoRAMethod(LoRAMethod):
+    """A LoRA method whose clients' ranks follow their architecture, spread over min_rank..max_rank (HetLoRA,
+    FLoRA): ranks keyed by architecture keep the FLOP cache, which is keyed by architecture, exact."""
+
+    def client_rank(self, client_id: int) -> int:
+        return arch_rank(self.ctx.cfg.model_group, self.ctx.client_archs[client_id], self.hp.min_rank,
+                         self.hp.max_rank)
+
+    def rank_option(self) -> str:
+        return "min_rank..max_rank"

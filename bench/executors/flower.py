@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable
 
 from bench.errors import UserError, mark_interrupted
-from bench.executors import Executor
+from bench.executors.local import LocalExecutor
 from bench.progress import Progress
 
 if TYPE_CHECKING:
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from bench.runner import Invocation, InvocationResult
 
 
-class FlowerExecutor(Executor):
+class FlowerExecutor(LocalExecutor):  # its settings one after the other, as the local one
     def __init__(self, options: Any = None, flower: "FlowerOptions | None" = None, grid: Any = None):
         """`options`: the command line's ExecutorOptions (cpus_per_run, gpus_per_run; no Ray address);
         `flower`: timeouts; `grid`: run over this Flower Grid instead of a simulation."""
@@ -34,16 +34,6 @@ class FlowerExecutor(Executor):
         self.gpus = options.gpus_per_run if options is not None else None
         self.flower = flower or FlowerOptions()
         self.grid = grid
-
-    def run(self, cfgs: list, open_invocation: Callable[..., "Invocation"], show_progress: bool) -> list["InvocationResult"]:
-        outcomes = []
-        for cfg in cfgs:
-            inv = open_invocation(cfg, remote=False)
-            try:
-                outcomes.append(self.run_one(inv, show_progress))
-            finally:
-                inv.release()
-        return outcomes
 
     def run_one(self, inv: "Invocation", show_progress: bool) -> "InvocationResult":
         import torch
