@@ -113,9 +113,12 @@ def log_ticks(low: float, high: float, max_ticks: int = 4) -> list[float]:
     if len(decades) > max_ticks:
         return decades[::math.ceil(len(decades) / max_ticks)]
     steps = within(range(1, 10))
-    if len(steps) >= 2:
-        return steps[::math.ceil(len(steps) / max_ticks)]
-    # narrower than one integer step: three ticks spaced evenly in log, at three significant figures
+    steps = steps[::math.ceil(len(steps) / max_ticks)] if steps else []
+    gap = math.log10(high / low) / (max_ticks + 1)  # closer ticks than this crowd their labels (700G800G900G1T)
+    if len(steps) >= 2 and all(math.log10(b / a) >= gap for a, b in zip(steps, steps[1:])):
+        return steps
+    # integer mantissas crowd one end, or the range is narrower than one step: three ticks spaced evenly in
+    # log, at three significant figures
     return sorted({float(f"{low ** (1 - f) * high ** f:.3g}") for f in (0.2, 0.5, 0.8)})
 
 
