@@ -269,3 +269,17 @@ def test_bench_run_report_tables_say_what_the_spread_is_over(tmp_path):
                 assert "across seeds" in text, f.name
     outputs = json.loads(json.dumps([f.name for f in files]))
     assert "cost_normalised.md" in outputs and "claims.md" in outputs
+
+
+def test_log_ticks_never_crowd_one_end_of_the_axis():
+    """Narrow ranges (CIFAR-100's cost_to_target: 650G..1.9T) once got 700G, 800G, 900G, 1T squeezed together at
+    the left end; ticks must be spread over the range, each pair at least a fifth of its log-width apart."""
+    import math
+
+    from reports.plots import log_ticks
+
+    for low, high in ((6.5e11, 1.9e12), (8.3e11, 1.4e12), (3e4, 3e5), (1e3, 1e7), (1.5e5, 9e5)):
+        ticks = log_ticks(low, high)
+        width = math.log10(high / low)
+        assert 2 <= len(ticks) <= 4 and all(low <= t <= high for t in ticks), (low, high, ticks)
+        assert all(math.log10(b / a) >= width / 5 for a, b in zip(ticks, ticks[1:])), (low, high, ticks)
