@@ -2,6 +2,7 @@
 really exchanged. Algorithms never report their own costs."""
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Mapping
@@ -69,13 +70,15 @@ class FlopAccountant:
         self._lines: dict[tuple, tuple[int, int]] = {}                   # group -> (slope, intercept), verified
         self._rejected: set[tuple] = set()                               # groups that are not affine
         self.predicted = 0  # keys filled from a fitted line instead of counted (for tests and reports)
+        self._lock = threading.Lock()  # clients may run in parallel threads (FlopCounterMode is per thread)
 
     @contextmanager
     def count(self, kind: str, key: tuple | None = None, client_id: int | None = None) -> Iterator[None]:
         if kind not in FLOP_KINDS:
             raise ValueError(f"unknown FLOP kind {kind!r}; valid: {', '.join(FLOP_KINDS)}")
         key = None if key is None else (kind, *key)
-        cached = self._lookup(key)
+        with self._lock:
+            cached = self._lookup(key)
         if cached is not None:
             yield
             flops = cached
@@ -83,13 +86,14 @@ class FlopAccountant:
             with FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS) as mode:
                 yield
             flops = mode.get_total_flops()
-            if self.cache_enabled and key is not None:
+        with self._lock:
+            if cached is None and self.cache_enabled and key is not None and key not in self._cache:
                 self._cache[key] = flops
                 if _batch_size(key) is not None:
                     self._fit(key[:-1], key[-1], flops)
-        self.totals[kind] += flops
-        if client_id is not None and kind == "train":
-            self.by_client[client_id] += flops
+            self.totals[kind] += flops
+            if client_id is not None and kind == "train":
+                self.by_client[client_id] += flops
 
     def _lookup(self, key: tuple | None) -> int | None:
         """The cached FLOPs of a full key, filling a new batch size from its group's line; None: count it."""

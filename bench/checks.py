@@ -49,6 +49,12 @@ def validate_numbers(cfg: RunConfig) -> None:
             raise UserError(f"{key} must be at most {MAX_COUNT} (2**31 - 1), got {getattr(cfg, key)}")
     if (cfg.threads or 0) > MAX_THREADS:  # each would be an OS thread of torch's pool
         raise UserError(f"threads must be at most {MAX_THREADS}, got {cfg.threads}; e.g. the number of CPU cores")
+    if cfg.subset and (len(cfg.subset) != 2 or min(cfg.subset) < 1 or max(cfg.subset) > MAX_COUNT):
+        raise UserError(f"subset must be two positive integers [train, test] (images of a stratified subset) or [] "
+                        f"(every image), got {cfg.subset}; e.g. --set subset=[10000,2000]")
+    if not 0 <= cfg.parallel_clients <= MAX_THREADS:
+        raise UserError(f"parallel_clients must be an integer from 0 (auto) to {MAX_THREADS}, got {cfg.parallel_clients}; "
+                        "e.g. the number of CPU cores")
     for key, f in FIELDS.items():
         value = getattr(cfg, key)
         if str(f.type).startswith("float") and value is not None and not math.isfinite(value):

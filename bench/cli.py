@@ -76,7 +76,12 @@ def run(algorithms, config_file, preset, sets, quiet, resume, **options) -> None
     options["output_dir"] = str(options["output_dir"]) if options["output_dir"] else None
     options["system_metrics"] = options["system_metrics"] or None  # absent: the config file's value
     cfg = load_config(config_file, preset, list(sets), options)
-    finish(run_invocation(cfg, show_progress=not quiet, resume=resume, executor=executor))
+    outcome = run_invocation(cfg, show_progress=not quiet, resume=resume, executor=executor)
+    if cfg.subset and not quiet:  # the quick preset's subset: say how to run on every image
+        click.echo(f"note: this ran on a subset of {cfg.dataset} ({cfg.subset[0]} train / {cfg.subset[1]} test images, "
+                   f"{cfg.rounds} rounds); every image: add --set subset=[] (about 5x longer), the SPEC protocol: "
+                   "--preset paper", err=True)
+    finish(outcome)
 
 
 def finish(outcome) -> None:
@@ -197,6 +202,7 @@ def export(config_file, sets, seed, fmt, out, **options) -> None:
     from bench.plan import client_splits
     from data import portable
     from data.sources import load_dataset
+    from data.subset import stratified_subset
 
     cfg = load_config(config_file, "quick", list(sets), options)
     seed = cfg.seeds[0] if seed is None else seed
@@ -209,9 +215,11 @@ def export(config_file, sets, seed, fmt, out, **options) -> None:
                         f"e.g. --out {Path(out) / 'partition.json'}")
     check_writable(Path(out) if fmt == "pfllib" else Path(out).absolute().parent, f"--out {out}")
     dataset = load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None, seed=seed)
+    if cfg.subset:  # the images `bench run` with the same options uses (the quick preset: a subset)
+        dataset = stratified_subset(dataset, *cfg.subset)
     cfg = resolve_dataset_defaults(cfg, dataset.num_classes)
     splits = client_splits(cfg, dataset, seed, torch.device("cpu"))
-    settings = {"dataset": cfg.dataset, "num_clients": cfg.num_clients, "partition": cfg.partition,
+    settings = {"dataset": cfg.dataset, "subset": cfg.subset or None, "num_clients": cfg.num_clients, "partition": cfg.partition,
                 "classes_per_client": cfg.classes_per_client, "dirichlet_alpha": cfg.dirichlet_alpha,
                 "val_fraction": cfg.val_fraction, "seed": seed}
     if fmt == "json":

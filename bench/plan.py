@@ -26,6 +26,7 @@ from data.device_data import DeviceData
 from data.partition import FILE_PREFIX, ClientSplit, is_file_partition, partition
 from data.portable import file_splits
 from data.sources import load_dataset
+from data.subset import stratified_subset
 from models.groups import check_image_size
 
 NEEDS_RUN_NAME = "--resume needs --run-name NAME (the run to continue), or use `bench resume RESULTS_DIR`"
@@ -109,6 +110,8 @@ def load_inputs(cfg: RunConfig, device: torch.device, runs: list[RunSpec] = ()) 
     """The dataset, its device data and every seed's client splits (the data may depend on the first seed).
     Images that a model of the run cannot take are refused here, before any model is built or trained."""
     dataset = load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None, seed=cfg.seeds[0])
+    if cfg.subset:
+        dataset = stratified_subset(dataset, *cfg.subset)
     _, height, width = dataset.image_shape
     check_image_size(cfg.model_group, height, width, extra_architectures(runs))
     data = DeviceData(dataset, device, augment=cfg.augment)

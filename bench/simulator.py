@@ -21,6 +21,7 @@ from bench.config import RunConfig
 from bench.context import SAMPLING_STREAM, Client, RunContext, eval_mode, modules_in  # noqa: F401 (re-exported)
 from bench.errors import UserError
 from bench.observe import Observer, Observers
+from bench.parallel import ClientPool, client_workers
 from bench.state import ClientStore
 from bench.training import run_updates
 from data.device_data import DeviceData
@@ -74,6 +75,8 @@ class Simulation:
         self.round_bytes = {"up": 0, "down": 0}
         self.cumulative: dict[str, float] = {}
         self.rounds_done = 0
+        self.pool = ClientPool(client_workers(cfg, device, self.algo,
+                                              [m for c in self.clients for m in modules_in(c.state, self.algo)]))
 
     def sample_clients(self) -> list[int]:
         size = self.cfg.clients_per_round
@@ -86,7 +89,7 @@ class Simulation:
         self.ctx.round_metrics = {}
         self.round_bytes = {"up": 0, "down": 0}
         sampled = self.sample_clients()
-        with self.observers.span("round", round=round_index, clients=sampled):
+        with self.observers.span("round", round=round_index, clients=sampled), self.pool.threads():
             uploads, losses = self.local_updates(sampled, round_index)
             self.aggregate(uploads, round_index)
             self.after_aggregation(sampled, round_index)
@@ -108,6 +111,8 @@ class Simulation:
         cfg.batched_training all downloads, then every client's phases in lockstep, then all uploads (unless
         the algorithm's client updates share state). Returns (uploads, each client's final-phase loss)."""
         together = self.cfg.batched_training and self.algo.batchable_clients
+        if not together and self.pool.workers > 1 and len(sampled) > 1:
+            return self.parallel_updates(sampled, round_index)
         cohorts = [sampled] if together else [[cid] for cid in sampled]
         uploads: dict[int, Payload] = {}
         losses: dict[int, torch.Tensor] = {}
@@ -121,6 +126,32 @@ class Simulation:
             for cid in cohort:
                 uploads[cid] = self.upload(cid, updates.uploads[cid], round_index)
             losses.update(updates.final_loss)
+        return uploads, losses
+
+    def parallel_updates(self, sampled: list[int], round_index: int
+                         ) -> tuple[dict[int, Payload], dict[int, torch.Tensor]]:
+        """local_updates with the clients' updates in the pool's threads: downloads first and uploads after, in
+        client order on this thread, so bytes, uploads and recorded metrics come in the sequential order."""
+        payloads = {}
+        for cid in sampled:
+            self.clients[cid].state = self.store.checkout(cid)
+            payloads[cid] = self.download(cid, round_index)
+
+        def update(cid: int):
+            self.ctx._local.records = records = {}
+            try:
+                return run_updates(self.ctx, self.algo, [self.clients[cid]], payloads, round_index), records
+            finally:
+                self.ctx._local.records = None
+
+        uploads: dict[int, Payload] = {}
+        losses: dict[int, torch.Tensor] = {}
+        for cid, (updates, records) in zip(sampled, self.pool.map(update, sampled)):
+            check_finite(updates.losses, round_index)
+            uploads[cid] = self.upload(cid, updates.uploads[cid], round_index)
+            losses.update(updates.final_loss)
+            for name, values in records.items():
+                self.ctx.round_metrics.setdefault(name, []).extend(values)
         return uploads, losses
 
     def download(self, cid: int, round_index: int, late: bool = False) -> Payload | None:
@@ -199,14 +230,20 @@ class Simulation:
         """Evaluate the given clients on their validation and test sets, then summarise over ALL clients
         (clients whose state did not change keep their last evaluation)."""
         client_ids = list(client_ids)
-        with self.observers.span("evaluation", clients=client_ids):
-            for cid in client_ids:
-                client = self.clients[cid]
-                client.state = self.store.checkout(cid)
-                predict = lambda x, c=client: self.algo.predict(c, x)  # noqa: E731
-                for split, table in (("test", self.test_evals), ("val", self.val_evals)):
-                    correct, count, loss = self.ctx.evaluate(client, predict, split)
-                    table[cid] = ClientEval(int(correct), count, float(loss))
+        clients = [self.clients[cid] for cid in client_ids]
+        for client in clients:
+            client.state = self.store.checkout(client.id)
+
+        def evaluate(client: Client) -> list[ClientEval]:
+            predict = lambda x: self.algo.predict(client, x)  # noqa: E731
+            return [ClientEval(int(correct), count, float(loss)) for correct, count, loss in
+                    (self.ctx.evaluate(client, predict, split) for split in ("test", "val"))]
+
+        # Shared (server) modules go to eval mode here, once: per-client toggling would race between threads.
+        with self.observers.span("evaluation", clients=client_ids), self.pool.threads(), \
+                eval_mode([m for c in clients for m in self.ctx.prediction_modules(c)]):
+            for client, (test, val) in zip(clients, self.pool.map(evaluate, clients)):
+                self.test_evals[client.id], self.val_evals[client.id] = test, val
         return summarise(self.test_evals, self.val_evals)
 
     def initial_metrics(self) -> dict[str, float]:
@@ -247,7 +284,7 @@ class Simulation:
             "clients": [packer.pack(c.state, f"client/{c.id}") for c in self.clients],
             "server": packer.pack(self.algo.state_dict(), "server"),
             "rng": {"sampler": packer.pack(self.sampler, "rng/sampler"),
-                    "augment": packer.pack(self.ctx.generator, "rng/augment"), **rng_state(packer)},
+                    "augment": packer.pack(self.ctx.run_generator, "rng/augment"), **rng_state(packer)},
             "accountant": packer.pack({"totals": dict(self.accountant.totals),
                                        "by_client": dict(self.accountant.by_client),
                                        "cache": self.accountant.cache_state()}, "accountant"),
@@ -269,7 +306,7 @@ class Simulation:
         self.algo.load_state_dict(unpack(meta["server"], tensors, self.algo.state_dict(), self.device, "server"))
         rng = meta["rng"]
         self.sampler = unpack(rng["sampler"], tensors, self.sampler)
-        unpack(rng["augment"], tensors, self.ctx.generator)
+        unpack(rng["augment"], tensors, self.ctx.run_generator)
         set_rng_state(rng, tensors)
         acc = unpack(meta["accountant"], tensors)
         self.accountant.totals.clear()

@@ -41,7 +41,8 @@ def _run_cohort(ctx: "RunContext", algo, cohort: list["Client"], payloads: dict[
     running: dict[int, tuple["Client", object]] = {}
     pending: dict[int, Phase] = {}
     for client in cohort:
-        with ctx.observers.span("update", client=client.id, round=round_index):
+        client.rng = ctx.client_generator(client.id, round_index)
+        with ctx.observers.span("update", client=client.id, round=round_index), ctx.acting_as(client):
             update = algo.client_update(client, payloads[client.id], round_index)
             if not hasattr(update, "send"):  # a plain function: no training, the upload itself
                 out.uploads[client.id] = update
@@ -55,7 +56,7 @@ def _run_cohort(ctx: "RunContext", algo, cohort: list["Client"], payloads: dict[
         for cid, phase in phases.items():
             out.losses.append((cid, phase.name, losses[cid]))
             out.final_loss[cid] = losses[cid]
-            with ctx.observers.span("update", client=cid, round=round_index):
+            with ctx.observers.span("update", client=cid, round=round_index), ctx.acting_as(running[cid][0]):
                 _advance(running, pending, out, cid, losses[cid])
 
 
@@ -102,13 +103,23 @@ def _run_phases(ctx: "RunContext", clients: list["Client"], phases: list[Phase],
 
 def train_phase(ctx: "RunContext", client: "Client", phase: Phase) -> torch.Tensor:
     """Run one phase for one client and return its mean training loss (a tensor: no host sync per batch)."""
+    with ctx.acting_as(client):  # the phase's loss may draw from ctx.generator
+        return _train_phase(ctx, client, phase)
+
+
+def batch_stream(ctx: "RunContext", client: "Client") -> torch.Generator:
+    """The client's stream of this round (set by run_updates), or the run's outside an update."""
+    return client.rng if client.rng is not None else ctx.run_generator
+
+
+def _train_phase(ctx: "RunContext", client: "Client", phase: Phase) -> torch.Tensor:
     params, optimizers = phase.optimizers if phase.optimizers is not None else ctx.optimizers_for(phase.trainable)
     loss_fn = phase.loss_fn()
     idx = client.split.train if phase.indices is None else phase.indices
     loss_sum = torch.zeros((), device=ctx.device)
     seen = 0
     for _ in range(phase.epochs):
-        for x, y in ctx.data.train_batches(idx, ctx.cfg.batch_size, ctx.generator):
+        for x, y in ctx.data.train_batches(idx, ctx.cfg.batch_size, batch_stream(ctx, client)):
             with ctx.accountant.count("train", (ctx.algo_name, phase.name, client.arch, len(y)), client.id):
                 loss = ctx.step(loss_fn, x, y, params, optimizers)
             loss_sum += loss.detach() * len(y)
@@ -136,7 +147,7 @@ def _counted_batches(ctx: "RunContext", client: "Client", phase: Phase) -> Itera
     train_phase's key; a key not yet cached is counted on meta-device copies (shapes only, no compute)."""
     model, partner = phase.trainable[0], phase.partner
     for _ in range(phase.epochs):
-        for x, y in ctx.data.train_batches(client.split.train, ctx.cfg.batch_size, ctx.generator):
+        for x, y in ctx.data.train_batches(client.split.train, ctx.cfg.batch_size, batch_stream(ctx, client)):
             key = (ctx.algo_name, phase.name, client.arch, len(y))
             cached = ctx.accountant.is_cached("train", key)
             with ctx.accountant.count("train", key, client.id):

@@ -1,13 +1,16 @@
 """The two loops the harness is measured against, both driving the SAME algorithm plugins (same models,
 losses, data sizes, batch size, epochs and optimizer steps) so that only the machinery differs:
 
-- the reference loop, written the way common MHPFL libraries do it: every round each sampled client gets a
-  deepcopy of its model(s), loads its weights from disk, trains from a freshly built DataLoader (a
-  per-sample torchvision transform pipeline on host images, batches moved to the device), logs its loss
-  with .item() every batch, and saves its weights back to disk; the server payload is deepcopied to the
-  client; evaluation goes through DataLoaders with per-batch .item();
-- the compute floor: a plain PyTorch loop over in-memory, already normalised tensors: for every training
-  call the same optimizer steps (zero_grad, forward, backward, clip_grad_norm_, SGD step) on batches that
+- the peer-style loop (ReferenceRun), written the way common MHPFL libraries (PFLlib, HtFLlib) do it: every
+  round each sampled client, one after the other, gets a deepcopy of its model(s), loads its weights from
+  disk, reads its data file again, trains from a freshly built DataLoader (a per-sample torchvision transform
+  pipeline on host images, batches moved to the device), logs its loss with .item() every batch, saves its
+  weights back to disk and hands its upload (weights, logits or prototypes) to the server through a file; the
+  server payload is deepcopied to the client; evaluation re-reads the data file and goes through DataLoaders
+  with per-batch .item(); plain torch.optim.SGD (one kernel per parameter), default memory format;
+- the compute floor: a plain eager PyTorch loop over in-memory, already normalised tensors, one client after
+  the other on torch's default threads, default memory format and plain SGD: for every training call the same
+  optimizer steps (zero_grad, forward, backward, clip_grad_norm_, SGD step) on batches that
   are views of a pre-built tensor, and the same evaluation forwards; no augmentation, no FLOP accounting,
   no payload copies on the way down, no client store, no metrics.
 
@@ -116,11 +119,15 @@ class ReferenceData:
             yield xb.to(device), yb.to(device)
 
 
-class ReferenceContext(RunContext):
+class PlainOptimizer:
+    """torch.optim.SGD with its defaults (one kernel per parameter on CPU), whatever the harness uses."""
+
     def optimizer(self, params, lr=None):
-        """A library's optimizer: torch.optim.SGD with its defaults (pinned, whatever the harness uses)."""
         return torch.optim.SGD(params, lr=self.cfg.lr if lr is None else lr, momentum=self.cfg.momentum,
                                weight_decay=self.cfg.weight_decay)
+
+
+class ReferenceContext(PlainOptimizer, RunContext):
 
     def new_round(self) -> None:
         self.loaders: dict[tuple, DataLoader] = {}
@@ -195,11 +202,27 @@ class ReferenceRun:
         self.models = {c.id: c.state for c in sim.clients}  # what a library keeps per client
         for c in sim.clients:
             torch.save(_state_dicts(c.state), self.path(c.id))
+            # each client's images in a file of its own, read again whenever the client trains or is evaluated
+            np.savez(self.data_path(c.id), **{f"{name}_{part}": array[getattr(c.split, name).cpu().numpy()]
+                                              for name in ("train", "val", "test")
+                                              for part, array in (("x", _array(dataset, name, "x")),
+                                                                  ("y", _array(dataset, name, "y")))})
         self.test_evals: dict[int, ClientEval] = {}
         self.val_evals: dict[int, ClientEval] = {}
 
     def path(self, cid: int) -> Path:
         return self.workdir / f"client{cid}.pt"
+
+    def data_path(self, cid: int) -> Path:
+        return self.workdir / f"client{cid}-data.npz"
+
+    def reread(self, cid: int) -> None:
+        """A peer library reads a client's data files at every training and evaluation (PFLlib's
+        read_client_data); the arrays read are as large as the client's share (the batches still come from
+        the in-memory copy, so that every loop trains on the same samples)."""
+        with np.load(self.data_path(cid)) as files:
+            for name in files.files:
+                files[name]
 
     def run_round(self, round_index: int) -> None:
         sim, algo, ctx = self.sim, self.sim.algo, self.ctx
@@ -213,10 +236,13 @@ class ReferenceRun:
             local = copy.deepcopy(self.models[cid])                          # a deepcopy per client
             _load_state(local, torch.load(self.path(cid), weights_only=True))  # loaded from disk
             client.state = local
+            self.reread(cid)
             payload = copy.deepcopy(algo.server_payload(client, round_index))
             upload, loss = drive(algo.client_update(client, payload, round_index),
                                  lambda phase, c=client: ctx.train(c, phase))
-            uploads[cid] = copy.deepcopy(upload)
+            sent = self.workdir / f"upload{cid}.pt"  # uploads (models, logits, prototypes) through the disk
+            torch.save(upload, sent)
+            uploads[cid] = torch.load(sent, weights_only=True)
             torch.save(_state_dicts(local), self.path(cid))                   # saved to disk
             self.models[cid] = local
             losses.append(float(loss) if loss is not None else float("nan"))
@@ -230,16 +256,23 @@ class ReferenceRun:
             for cid in changed:
                 client = sim.clients[cid]
                 client.state = self.models[cid]
+                self.reread(cid)
                 for split, table in (("test", self.test_evals), ("val", self.val_evals)):
                     correct, count, loss = ctx.evaluate(client, lambda x, c=client: algo.predict(c, x), split)
                     table[cid] = ClientEval(correct, count, loss)
 
     def close(self) -> None:
         for c in self.sim.clients:
-            try:
-                os.remove(self.path(c.id))
-            except FileNotFoundError:
-                pass
+            for path in (self.path(c.id), self.data_path(c.id), self.workdir / f"upload{c.id}.pt"):
+                try:
+                    os.remove(path)
+                except FileNotFoundError:
+                    pass
+
+
+def _array(dataset, split: str, part: str) -> np.ndarray:
+    """The dataset's image ("x") or label ("y") array that a split's indices point into."""
+    return getattr(dataset, f"{part}_test" if split == "test" else f"{part}_train")
 
 
 # ---- the compute floor --------------------------------------------------------------------------------
@@ -281,7 +314,7 @@ class FloorData:
         return iter(self.batches(idx, batch_size))
 
 
-class FloorContext(RunContext):
+class FloorContext(PlainOptimizer, RunContext):
     def train(self, client, phase: Phase):
         params, optimizers = phase.optimizers or self.optimizers_for(phase.trainable)
         loss_fn = phase.loss_fn()

@@ -34,14 +34,20 @@ class DeviceData:
         mean = torch.tensor(ds.mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         std = torch.tensor(ds.std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self._scale, self._shift = 1 / (255 * std), -mean / std
+        # Layout of the float batches: channels_last when the run's convolutions use it (bench/context.py).
+        self.memory_format = torch.contiguous_format
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.x_train.shape[1:])  # type: ignore[return-value]
 
+    def set_memory_format(self, memory_format: torch.memory_format) -> None:
+        """The layout of the batches from now on (a method, so that wrappers of this object pass it on)."""
+        self.memory_format = memory_format
+
     def normalise(self, x_uint8: Tensor) -> Tensor:
-        """uint8 NCHW -> float32, standardised per channel."""
-        return torch.addcmul(self._shift, x_uint8.float(), self._scale)
+        """uint8 NCHW -> float32, standardised per channel, in self.memory_format."""
+        return torch.addcmul(self._shift, x_uint8.float(), self._scale).contiguous(memory_format=self.memory_format)
 
     def train_batches(self, idx: Tensor, batch_size: int, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
         """One epoch over the train-array indices `idx` in random order; the last batch may be smaller."""

@@ -131,7 +131,7 @@ def test_one_step_on_the_training_part_moves_p_and_s_each_by_its_own_gradient(cl
     before = [copy.deepcopy(private), copy.deepcopy(algo.global_shared)]  # S starts from the download
     assert not torch.equal(params(shared), params(algo.global_shared))
     payload, _ = transmit(algo.server_payload(client, 0), CPU)
-    gen = torch.Generator().set_state(sim.ctx.generator.get_state())
+    gen = torch.Generator().set_state(sim.ctx.client_generator(client.id, 0).get_state())
     (x, y), = list(sim.ctx.data.train_batches(algo.splits[client.id][0], 64, gen))
     assert len(y) == len(algo.splits[client.id][0]) < client.num_train
     _, grads = hand_grads(*before, x, y, 0.7)

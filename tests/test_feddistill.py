@@ -119,7 +119,7 @@ def test_one_step_follows_the_hand_written_loss(distance, normalise, lam):
     client = sim.clients[2]
     model = client.state["model"]
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
-    state = sim.ctx.generator.get_state()
+    state = sim.ctx.client_generator(client.id, 1).get_state()
     _, loss = client_update(sim, client, {key(c): v for c, v in TABLE.items()}, 1)
 
     ref = CNN(client.arch, 10)
@@ -140,7 +140,7 @@ def test_loss_distils_towards_the_downloaded_logits_only_where_they_exist(distan
     sim = make_sim(hp={"distance": distance, "normalise": normalise, "lam": lam}, lr=0.0, batch_size=4,
                    per_class=5)
     client = sim.clients[2]
-    state = sim.ctx.generator.get_state()
+    state = sim.ctx.client_generator(client.id, 1).get_state()
     _, loss = client_update(sim, client, {key(c): v for c, v in TABLE.items()}, 1)
     total = ce_only = seen = 0.0
     with torch.no_grad():
@@ -161,7 +161,7 @@ def test_term_skipped_before_any_global_logit(distance):
     sim = make_sim(lr=0.0, hp={"distance": distance})
     client = sim.clients[2]
     assert sim.algo.server_payload(client, 0) == {}
-    state = sim.ctx.generator.get_state()
+    state = sim.ctx.client_generator(client.id, 0).get_state()
     _, loss = client_update(sim, client, {}, 0)
     with torch.no_grad():
         want = sum(float(hand_loss(client.state["model"](x), y, {}, distance, "batch", 0.0)) * len(y)
@@ -176,7 +176,7 @@ def test_term_skipped_before_any_global_logit(distance):
 def test_term_skipped_when_no_held_class_has_a_logit():
     sim = make_sim(lr=0.0)
     client = sim.clients[2]  # classes 4 and 5
-    state = sim.ctx.generator.get_state()
+    state = sim.ctx.client_generator(client.id, 1).get_state()
     _, loss = client_update(sim, client, {key(0): torch.ones(10)}, 1)
     with torch.no_grad():
         want = sum(float(hand_loss(client.state["model"](x), y, {}, "mse", "batch", 0.0)) * len(y)

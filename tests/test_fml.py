@@ -101,7 +101,7 @@ def test_one_step_moves_both_models_each_by_its_own_loss(clip, hp):
     payload = {k: v + 0.01 * torch.randn_like(v) for k, v in algo.server_payload(client, 0).items()}
     private = client.state["model"]
     p_before, global_before = params_of(private), params_of(algo.global_meme)
-    gen_state = sim.ctx.generator.get_state()
+    gen_state = sim.ctx.client_generator(client.id, 0).get_state()
     upload, _ = client_update(sim, client, payload, 0)
 
     ref_p, ref_m = CNN("cnn1", 10), CNN("cnn5", 10)

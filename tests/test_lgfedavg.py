@@ -72,7 +72,7 @@ def test_one_step_trains_the_whole_model_from_the_downloaded_header(clip):
     model = client.state["model"]
     before = snapshot(model)
     payload = {k: v + 0.01 * torch.randn_like(v) for k, v in sim.algo.server_payload(client, 0).items()}
-    state = sim.ctx.generator.get_state()
+    state = sim.ctx.client_generator(client.id, 0).get_state()
     upload, _ = client_update(sim, client, payload, 0)
 
     ref = CNN(client.arch, 10)

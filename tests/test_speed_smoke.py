@@ -32,9 +32,9 @@ def test_tiny_speed_benchmark(tmp_path):
         assert set(per_algo) == expected, setting
         for name, r in per_algo.items():
             assert "error" not in r, f"{setting} {name}: {r.get('error')}"
-            for loop in ("ours", "reference", "floor"):
+            for loop in ("ours", "peer_style", "floor"):
                 assert r["seconds_per_round"][loop] > 0
-            for key in ("speedup", "floor_ratio", "reference_over_floor", "train_samples_per_second",
+            for key in ("peer_ratio", "floor_ratio", "peer_over_floor", "train_samples_per_second",
                         "train_flop_per_second", "eval_all_clients_seconds", "one_local_epoch_all_clients_seconds",
                         "eval_over_epoch"):
                 assert r[key] > 0, (setting, name, key)
@@ -47,6 +47,10 @@ def test_tiny_speed_benchmark(tmp_path):
             mem = r["memory"]
             assert mem["state_bytes_per_client_mean"] > 0 and mem["state_bytes_total"] > 0
             assert mem["peak_rss_bytes"] > 0
+    levers = report["levers"]["by_algorithm"]
+    assert levers and all(r[lever]["floor_ratio"] > 0 for r in levers.values() for lever in r)
+    assert all(r["max_abs_logit_diff"] < 1e-3 for k, r in report["compile_and_batched_eval"].items()
+               if k.startswith("batched-eval"))
     assert report["batched"] and all(b["speedup"] > 0 for b in report["batched"].values())
     assert all(b["max_abs_param_diff"] < 1e-3 for b in report["batched"].values())
     assert isinstance(report["targets"], list) and report["targets"]
