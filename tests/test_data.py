@@ -503,3 +503,30 @@ def test_partition_files_record_the_split_they_index():
     from data.portable import dataset_info
 
     assert dataset_info(synthetic_dataset(train_size=40, test_size=10))["split"] == "generated"
+
+
+def test_stratified_subset_takes_equal_shares_of_each_class_and_measures_its_own_statistics():
+    """The quick preset's subset: n // K images of each class (train and test), fixed across calls, normalised
+    with the statistics of its own training images."""
+    from data.sources import channel_stats
+    from data.subset import stratified_subset
+
+    ds = synthetic_dataset(num_classes=4, train_size=400, test_size=200, seed=0)
+    sub = stratified_subset(ds, 100, 40)
+    assert np.bincount(sub.y_train, minlength=4).tolist() == [25] * 4
+    assert np.bincount(sub.y_test, minlength=4).tolist() == [10] * 4
+    again = stratified_subset(ds, 100, 40)
+    assert np.array_equal(sub.x_train, again.x_train) and np.array_equal(sub.y_test, again.y_test)
+    assert sub.mean == channel_stats(sub.x_train)[0] and sub.mean != ds.mean
+    rows = {bytes(x) for x in ds.x_train.reshape(len(ds.x_train), -1)}
+    assert all(bytes(x) in rows for x in sub.x_train.reshape(len(sub.x_train), -1))  # images of the dataset
+    with pytest.raises(UserError, match="fewer images than"):
+        stratified_subset(ds, 3, 40)
+
+
+def test_quick_preset_runs_on_a_subset_and_paper_preset_on_every_image():
+    from bench.config import load_config
+
+    assert load_config(None, "quick").subset == [10000, 2000]
+    assert not load_config(None, "paper").subset
+    assert not load_config(None, "quick", ["subset=[]"]).subset

@@ -331,3 +331,16 @@ def test_paths_too_long_for_the_filesystem_are_refused(tmp_path, monkeypatch, ca
 def test_threads_beyond_any_machine_are_refused(tmp_path, monkeypatch, capsys):
     line = refused(monkeypatch, capsys, args_for(tmp_path, "--threads", "100000"), tmp_path)
     assert line == "error: threads must be at most 1024, got 100000; e.g. the number of CPU cores"
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("subset=[5]", "subset must be two positive integers [train, test] (images of a stratified subset) or [] "
+                   "(every image), got [5]; e.g. --set subset=[10000,2000]"),
+    ("subset=[100,0]", "subset must be two positive integers [train, test] (images of a stratified subset) or [] "
+                       "(every image), got [100, 0]; e.g. --set subset=[10000,2000]"),
+    ("parallel_clients=-1", "parallel_clients must be an integer from 0 (auto) to 1024, got -1; e.g. the number "
+                            "of CPU cores"),
+])
+def test_speed_and_subset_settings_are_refused_up_front(setting, message, tmp_path, monkeypatch, capsys):
+    line = refused(monkeypatch, capsys, args_for(tmp_path / "out", "--set", setting), tmp_path / "out")
+    assert line == f"error: {message}"
