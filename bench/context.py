@@ -91,6 +91,16 @@ class RunContext:
         finally:
             self._local.client = previous
 
+    @contextlib.contextmanager
+    def own_records(self):
+        """ctx.record calls of this thread go to the yielded dict meanwhile (a client running in parallel: the
+        simulator merges them in client order, so the round's means add up in the sequential order)."""
+        self._local.records = records = {}
+        try:
+            yield records
+        finally:
+            self._local.records = None
+
     # ---- models and optimisers ------------------------------------------------------------------
     def build_model(self, arch: str) -> SplitModel:
         model = build_model(arch, self.num_classes, self.in_channels, self.image_size)

@@ -138,11 +138,8 @@ class Simulation:
             payloads[cid] = self.download(cid, round_index)
 
         def update(cid: int):
-            self.ctx._local.records = records = {}
-            try:
+            with self.ctx.own_records() as records:
                 return run_updates(self.ctx, self.algo, [self.clients[cid]], payloads, round_index), records
-            finally:
-                self.ctx._local.records = None
 
         uploads: dict[int, Payload] = {}
         losses: dict[int, torch.Tensor] = {}

@@ -1,7 +1,9 @@
 """Local training, the one path: the simulator drives each sampled client's `client_update` generator and runs
 the Phases it yields, one client after the other or, with cfg.batched_training, all clients in lockstep, so
 that same-architecture clients' plain phases train together (bench/batched.py). Each phase's mean loss is
-reported here, to the generator (the value of its `yield`) and to the round (`Updates.losses`)."""
+reported here, to the generator (the value of its `yield`) and to the round (`Updates.losses`). The simulator may
+call run_updates for several clients at once from threads (bench/parallel.py): each client's batches come from its
+own stream of the round (RunContext.client_generator), so the order clients run in changes nothing."""
 from __future__ import annotations
 
 import copy
