@@ -781,7 +781,8 @@ def markdown(report: dict[str, Any]) -> str:
                              f"max logit difference {r['max_abs_logit_diff']:.1e} |")
         lines.append("")
     if report.get("batched"):
-        lines += ["## Same-architecture batched training (bench/batched.py) vs sequential, CPU", "",
+        where = "GPU" if s["gpu_available"] and "cuda" in s["device"] else "CPU"
+        lines += [f"## Same-architecture batched training (bench/batched.py) vs sequential, {where}", "",
                   "| arch | clients | sequential s | batched s | speed-up | max param diff |", "|---|---|---|---|---|---|"]
         for key, b in report["batched"].items():
             lines.append(f"| {b['arch']} | {b['clients']} | {b['sequential_seconds']:.3f} | {b['batched_seconds']:.3f} | "
