@@ -1,19 +1,25 @@
 """The up-front time estimate: a few real steps of each algorithm's actual run, scaled to the whole run.
 
 For each algorithm, the run's own Simulation is built (same config, hyper-parameters, data and first seed)
-and one client per architecture does its real local update twice with every phase cut to STEPS batches: the
-first pass warms up (and counts the FLOPs of new step shapes, as the run's first round does), the second is
-timed through an observer. Phases are scaled to their full number of batches; the rest of the update
-(downloads, uploads, code between phases) is taken as measured. One evaluation of the same clients and one
-aggregation of their uploads are timed as well. Rough by design: `bench run` prints the measured time per
-round from round 1 on."""
+and the local updates of one round's sampled clients (at most CLIENTS of them) run twice through the
+simulator's own path, so that clients trained together or in parallel cost what they cost in the run, with
+every phase cut to STEPS batches: the first pass warms up (and counts the FLOPs of new step shapes, as the
+run's first round does), the second is timed. The wall time spent in phases (overlapping phases of parallel
+clients counted once) is scaled to their full number of batches; the rest of the updates (downloads,
+uploads, code between phases) is taken as measured. The round's aggregation and one evaluation of the
+timed clients are timed as well. A resumed run is estimated for its rounds after its checkpoint only.
+Rough by design: `bench run` prints the measured time per round from round 1 on, and its "ETA all"
+rescales this estimate by how far off it was on the runs so far (bench/progress.py)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import threading
 import time
-from collections import defaultdict
-from typing import Any, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -22,91 +28,153 @@ from bench.observe import Observer
 from data.device_data import DeviceData
 from data.partition import ClientSplit
 
-STEPS = 2  # batches per phase in each timed pass
+STEPS = 2     # batches per phase in each timed pass
+CLIENTS = 20  # of a round's sampled clients, at most this many are timed (enough to fill batches and workers)
 
 
 class CappedData:
     """The run's data, with each pass over a client's training batches cut to `steps` batches; remembers how
-    many batches the full passes would have had."""
+    many batches the full passes would have had (counted under a lock: parallel clients draw batches in
+    threads)."""
 
     def __init__(self, data: DeviceData, steps: int):
         self._data, self.steps = data, steps
         self.full = self.taken = 0
+        self.lock = threading.Lock()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._data, name)
 
     def train_batches(self, idx: torch.Tensor, batch_size: int, generator=None):
-        self.full += math.ceil(len(idx) / batch_size)
+        with self.lock:
+            self.full += math.ceil(len(idx) / batch_size)
         for i, batch in enumerate(self._data.train_batches(idx, batch_size, generator)):
             if i == self.steps:
                 return
-            self.taken += 1
+            with self.lock:
+                self.taken += 1
             yield batch
 
 
 class Stopwatch(Observer):
-    """Seconds per event (phases: their own; the rest: outside phases), synchronising CUDA at the edges."""
+    """Wall seconds during which at least one `event` span is open (spans overlapping in threads count once),
+    synchronising CUDA at the edges."""
 
-    def __init__(self, device: torch.device):
-        self.sync = device.type == "cuda"
-        self.seconds: dict[str, float] = defaultdict(float)
+    def __init__(self, device: torch.device, event: str = "phase", clock: Callable[[], float] = time.perf_counter):
+        self.sync, self.event, self.clock = device.type == "cuda", event, clock
+        self.seconds = 0.0
+        self.open = 0
+        self.since = 0.0
+        self.lock = threading.Lock()
 
     @contextlib.contextmanager
     def span(self, event: str, info: dict[str, Any]) -> Iterator[None]:
+        if event != self.event:
+            yield
+            return
+        with self.lock:
+            if self.open == 0:
+                self.synchronize()
+                self.since = self.clock()
+            self.open += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.open -= 1
+                if self.open == 0:
+                    self.synchronize()
+                    self.seconds += self.clock() - self.since
+
+    def synchronize(self) -> None:
         if self.sync:
             torch.cuda.synchronize()
-        start = time.perf_counter()
-        yield
-        if self.sync:
-            torch.cuda.synchronize()
-        self.seconds[event] += time.perf_counter() - start
 
 
 def estimate_seconds(cfg: RunConfig, data: DeviceData, splits: list[ClientSplit], device: torch.device,
                      runs: list) -> dict[str, float]:
     """Estimated wall time per algorithm of `runs` (RunSpecs: its runs there, e.g. only the pending ones)."""
-    count: dict[str, int] = defaultdict(int)
-    specs = {}
+    return per_algorithm(estimate_runs(cfg, data, splits, device, runs))
+
+
+def per_algorithm(per_run: dict[str, float]) -> dict[str, float]:
+    """Per-run estimates (run key -> seconds) summed per algorithm, in the runs' order."""
+    from bench.store import parse_run_key
+
+    total: dict[str, float] = {}
+    for key, seconds in per_run.items():
+        name = parse_run_key(key)[0]
+        total[name] = total.get(name, 0.0) + seconds
+    return total
+
+
+def estimate_runs(cfg: RunConfig, data: DeviceData, splits: list[ClientSplit], device: torch.device,
+                  runs: list) -> dict[str, float]:
+    """Estimated seconds of each of `runs` (RunSpecs; run key -> seconds): of its rounds still to run, i.e.
+    after its checkpoint's round where it has one (a resumed run), else of the whole run. Each algorithm is
+    timed once (on the first of its runs)."""
+    costs: dict[str, RunCost] = {}
+    out = {}
     for spec in runs:
-        count[spec.name] += 1
-        specs.setdefault(spec.name, spec)
-    return {name: estimate_run(cfg, spec, data, splits, device) * count[name] for name, spec in specs.items()}
+        if spec.name not in costs:
+            costs[spec.name] = time_run(cfg, spec, data, splits, device)
+        out[spec.key] = costs[spec.name].seconds(cfg, checkpoint_step(spec.checkpoint))
+    return out
 
 
-def estimate_run(cfg: RunConfig, spec: Any, data: DeviceData, splits: list[ClientSplit],
-                 device: torch.device) -> float:
-    """Estimated seconds of one run of `spec` (a RunSpec) on `splits`."""
+def checkpoint_step(directory: Path | None) -> int:
+    """The round a run's checkpoint was taken after (0 without one), from its small note (checkpoint.json:
+    reading state.pt is the resumed run's job; an estimate needs only the round)."""
+    note = directory / "checkpoint.json" if directory is not None else None
+    if note is None or not note.exists() or not (directory / "state.pt").exists():
+        return 0
+    try:
+        return max(int(json.loads(note.read_text()).get("step") or 0), 0)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0
+
+
+@dataclass
+class RunCost:
+    """The estimated cost of one run's parts: a round's training and aggregation, one evaluation of the
+    clients a round evaluates, and the evaluation of every client before round 1."""
+
+    per_round: float
+    per_evaluation: float
+    initial: float
+
+    def seconds(self, cfg: RunConfig, done: int = 0) -> float:
+        """Seconds of rounds done+1..cfg.rounds (the initial evaluation only in a run from scratch)."""
+        rounds = range(done + 1, cfg.rounds + 1)
+        evaluated = sum(1 for r in rounds if r % cfg.eval_every == 0 or r == cfg.rounds)
+        return len(rounds) * self.per_round + evaluated * self.per_evaluation + (self.initial if done == 0 else 0.0)
+
+
+def time_run(cfg: RunConfig, spec: Any, data: DeviceData, splits: list[ClientSplit],
+             device: torch.device) -> RunCost:
+    """Time the parts of one run of `spec` (a RunSpec) on `splits`."""
     from bench.simulator import Simulation
-    from bench.training import run_updates
 
     capped = CappedData(data, STEPS)
     watch = Stopwatch(device)
     sim = Simulation(cfg, spec.algorithm, spec.seed, capped, splits, device, hparams=spec.hparams, observers=[watch])
-    samples = {}  # one client per architecture
-    for client in sim.clients:
-        samples.setdefault(client.arch, client)
-    ids = [c.id for c in samples.values()]
-    for timed in (False, True):
-        watch.seconds.clear()
-        capped.full = capped.taken = 0
+    sampled = sim.sample_clients()[:CLIENTS]
+    share = cfg.clients_per_round / len(sampled)  # per round: the clients timed stand for all sampled
+    with sim.pool.threads():  # as run_round: the thread settings of the run's client pool
+        for _ in ("warm-up", "timed"):
+            watch.seconds = 0.0
+            capped.full = capped.taken = 0
+            start = time.perf_counter()
+            uploads, _ = sim.local_updates(sampled, 0)
+            updates = time.perf_counter() - start
+        scale = capped.full / max(capped.taken, 1)
         start = time.perf_counter()
-        uploads = {}
-        for cid in ids:
-            client = sim.clients[cid]
-            client.state = sim.store.checkout(cid)
-            update = run_updates(sim.ctx, sim.algo, [client], {cid: sim.download(cid, 0)}, 0)
-            uploads[cid] = sim.upload(cid, update.uploads[cid], 0)
-        updates = time.perf_counter() - start
-    scale = capped.full / max(capped.taken, 1)
-    per_update = (updates + watch.seconds["phase"] * (scale - 1)) / len(ids)
+        sim.aggregate(uploads, 0)
+        sim.after_aggregation(sampled, 0)
+        server = time.perf_counter() - start
     start = time.perf_counter()
-    sim.aggregate(uploads, 0)
-    per_upload = (time.perf_counter() - start) / len(ids)
-    start = time.perf_counter()
-    sim.evaluate(ids)
-    per_eval = (time.perf_counter() - start) / len(ids)
-    per_round = cfg.clients_per_round * (per_update + per_upload)
+    sim.evaluate(sampled)
+    per_client = (time.perf_counter() - start) / len(sampled)
     evaluated = cfg.num_clients if sim.algo.prediction_uses_server_state else cfg.clients_per_round
-    eval_rounds = math.ceil(cfg.rounds / cfg.eval_every)
-    return cfg.rounds * per_round + (eval_rounds * evaluated + cfg.num_clients) * per_eval
+    return RunCost(per_round=(updates + watch.seconds * (scale - 1) + server) * share,
+                   per_evaluation=evaluated * per_client, initial=cfg.num_clients * per_client)

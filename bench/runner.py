@@ -19,7 +19,7 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -34,6 +34,7 @@ from bench.config import RunConfig, resolve_dataset_defaults
 from bench.checks import check_output_dir
 from bench.errors import Terminated, UserError
 from bench.executors import Executor, ExecutorOptions, make_executor
+from bench.estimate import estimate_runs, per_algorithm
 from bench.plan import (NEEDS_RUN_NAME, Inputs, RunSpec, check_algorithms, client_splits,  # noqa: F401
                         estimate_seconds, load_inputs, plan_runs, resolve_device, results_root, with_checkpoints)
 from bench.progress import Progress
@@ -84,11 +85,19 @@ class RunEnv:
             return None
 
 
-def execute_run(spec: RunSpec, env: RunEnv, callbacks: Callback) -> tuple[dict[str, Any], str]:
+def builtin_simulation(spec: RunSpec, env: RunEnv, run: RunInfo) -> Simulation:
+    return Simulation(env.cfg, spec.algorithm, spec.seed, env.inputs.data, env.inputs.splits[spec.seed], env.device,
+                      hparams=spec.hparams)
+
+
+def execute_run(spec: RunSpec, env: RunEnv, callbacks: Callback,
+                make_simulation: Callable[[RunSpec, RunEnv, RunInfo], Simulation] = builtin_simulation,
+                ) -> tuple[dict[str, Any], str]:
     """One (algorithm, seed) run through the round loop, every round sent to `callbacks`. Returns (summary,
     status); an exception inside the run (or a non-finite training loss, detected in the round it appears)
     marks it FAILED instead of propagating; a UserError ends the run FAILED and propagates; an interrupt
-    (Ctrl-C, SIGTERM) ends it KILLED, its checkpoint kept, and propagates."""
+    (Ctrl-C, SIGTERM) ends it KILLED, its checkpoint kept, and propagates. `make_simulation` builds the round
+    loop (the Flower executor's runs its clients in ClientApps: bench/flower/run.py)."""
     cfg, run = env.cfg, env.run_info(spec)
     saved = env.saved(spec)
     unrestorable = None
@@ -102,8 +111,7 @@ def execute_run(spec: RunSpec, env: RunEnv, callbacks: Callback) -> tuple[dict[s
     try:
         if unrestorable is not None:
             raise unrestorable
-        run.sim = sim = Simulation(cfg, spec.algorithm, spec.seed, env.inputs.data, env.inputs.splits[spec.seed],
-                                   env.device, hparams=spec.hparams)
+        run.sim = sim = make_simulation(spec, env, run)
         if saved is not None:
             saved.restore(sim)
         else:
@@ -174,6 +182,7 @@ class Invocation:
     remote: bool
     outcome: InvocationResult
     callbacks: CallbackList | None = None  # this process's (begin): results folder, checkpoints, MLflow, progress
+    progress: Progress | None = None       # this process's progress display (begin): told the estimate per run
 
     @property
     def cfg(self) -> RunConfig:
@@ -200,6 +209,7 @@ class Invocation:
     def begin(self, progress: Progress) -> None:
         """Start the callbacks and hand them the runs kept from before. Where the runs execute elsewhere
         (Ray), the checkpoints are theirs: this process's callbacks are the results folder, MLflow, progress."""
+        self.progress = progress
         progress.echo(self.header())
         cfg, output_dir = self.cfg, Path(self.cfg.output_dir)
         mlflow = make_mlflow_callback(cfg.tracking_uri or default_tracking_uri(output_dir), cfg.experiment,
@@ -225,10 +235,14 @@ class Invocation:
         return RunTask(worker_config(self.cfg), dataclasses.replace(spec, checkpoint=checkpoint), self.env.config)
 
     def estimate(self) -> dict[str, float]:
-        """The up-front time estimate of every algorithm (estimate_seconds) over the runs still to run (a resumed
-        folder's finished runs cost nothing), with this process's threads."""
+        """The up-front time estimate of every algorithm over the rounds still to run (a resumed folder's
+        finished runs and checkpointed rounds cost nothing), with this process's threads; the progress display
+        gets it per run (its "ETA all")."""
         inputs, pending = self.env.inputs, self.pending
-        return estimate_seconds(self.cfg, inputs.data, inputs.splits[pending[0].seed], self.env.device, pending)
+        per_run = estimate_runs(self.cfg, inputs.data, inputs.splits[pending[0].seed], self.env.device, pending)
+        if self.progress is not None:
+            self.progress.expect(per_run)
+        return per_algorithm(per_run)
 
     def drop_inputs(self) -> None:
         """Free the data where the runs load their own (Ray workers)."""

@@ -154,7 +154,7 @@ def test_the_store_owns_run_keys_and_drops_torn_lines(tmp_path):
 def test_which_fields_change_results_is_declared_once_on_the_field():
     assert set(setup_fields()) == {"data_dir", "device", "threads", "output_dir", "run_name", "tracking_uri",
                                    "experiment", "offload_state", "flop_cache", "checkpoint_every",
-                                   "keep_checkpoints", "system_metrics"}
+                                   "keep_checkpoints", "system_metrics", "parallel_clients", "channels_last"}
     assert set(results_fields()) | set(setup_fields()) == {f.name for f in dataclasses.fields(RunConfig)}
     stored = RunConfig().to_dict()
     moved = RunConfig(device="cpu", threads=1, checkpoint_every=3, output_dir="elsewhere", flop_cache=False)
