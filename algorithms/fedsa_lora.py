@@ -54,7 +54,7 @@ class FedSALoRA(LoRAMethod):
         self.global_a = server_factors(self.layer_shapes, gen, self.ctx.device, parts="A")
 
     def server_payload(self, client, round_index: int) -> Payload:
-        return {f"{key}.lora_A": self.global_a[f"{key}.lora_A"] for key in self.keyed_layers(client)}
+        return {f"{key}.lora_A": self.global_a[f"{key}.lora_A"] for key in self.server_keys(client)}
 
     def client_update(self, client, payload: Payload, round_index: int):
         model = client.state["model"]

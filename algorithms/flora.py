@@ -62,7 +62,7 @@ class FLoRA(ArchRankedLoRAMethod):
         """The concatenation of the stacks the client has not merged: [B_t1, B_t2, ...][A_t1; A_t2; ...]."""
         pending = self.stacks[self.merged_upto[client.id] - self.first_stack:]
         out = {}
-        for key in self.keyed_layers(client):
+        for key in self.server_keys(client):
             parts = [s for s in pending if f"{key}.lora_A" in s]
             if parts:
                 out[f"{key}.lora_A"] = torch.cat([s[f"{key}.lora_A"] for s in parts], 0)

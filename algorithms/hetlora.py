@@ -8,9 +8,10 @@ Round, per client (models/lora.py, algorithms/lora_common.py for the model): loa
 B[:, :r_k] into every LoRA layer; train the LoRA factors and the local header for E epochs on
 CE + lambda * sum over layers ||A_tail|| ||B_tail||, the tail being the ranks floor(gamma r_k) .. r_k; if that
 tail's norm product ended lower than it started (the downloaded factors'), prune: r_k <- floor(gamma r_k) (at
-least 1), zeroing the pruned ranks; upload A[:r_k], B[:, :r_k] (the new rank). Server, per layer (a layer is its
-name and base shape: see lora_common): weights w_k = ||s B_k A_k||_F / sum (uniform if all are zero), then
-A = sum_k w_k pad(A_k), B = sum_k w_k pad(B_k), zero-padded to the layer's r_max.
+least 1), zeroing the pruned ranks; upload A[:r_k], B[:, :r_k] (the new rank). Server, per layer (a layer is
+its name and base shape: see lora_common): weights w_k = ||s B_k A_k||_F / sum (uniform if all are zero), then
+A = sum_k w_k pad(A_k), B = sum_k w_k pad(B_k), zero-padded to the layer's r_max. The server keeps each client's
+r_k for its next download, learnt from its upload (never read from the client's state).
 
 Ranks follow the architecture (a device's capability): the group's architectures in order get ranks spread from
 max_rank down to min_rank (vit-hetero: ViT-1 16, ViT-2 13, ViT-3 10, ViT-4 7, ViT-5 4; a homogeneous group: all
@@ -75,15 +76,18 @@ class HetLoRA(ArchRankedLoRAMethod):
     def init_server(self) -> None:
         gen = torch.Generator().manual_seed(self.ctx.seed)
         self.global_factors = server_factors(self.layer_shapes, gen, self.ctx.device)
+        # the server's own record of each client's current rank r_k (it never reads client.state): the initial
+        # rank, then the rank of the client's last upload (pruning lowers it)
+        self.ranks = {cid: self.client_rank(cid) for cid in range(len(self.ctx.client_archs))}
 
     def init_client(self, client) -> None:
         super().init_client(client)
-        client.state["rank"] = self.client_rank(client.id)  # the current rank r_k (pruning lowers it)
+        client.state["rank"] = self.client_rank(client.id)  # the client's side of r_k
 
     def server_payload(self, client, round_index: int) -> Payload:
-        rank = client.state["rank"]
+        rank = self.ranks[client.id]
         out = {}
-        for key in self.keyed_layers(client):
+        for key in self.server_keys(client):
             out[f"{key}.lora_A"] = self.global_factors[f"{key}.lora_A"][:rank]
             out[f"{key}.lora_B"] = self.global_factors[f"{key}.lora_B"][:, :rank]
         return out
@@ -119,6 +123,8 @@ class HetLoRA(ArchRankedLoRAMethod):
         return loss
 
     def aggregate(self, uploads: dict[int, Payload], round_index: int) -> None:
+        for cid, upload in uploads.items():  # an upload is at the client's rank after pruning
+            self.ranks[cid] = upload_rank(upload, self.ranks[cid])
         samples = aggregation_weights(self.ctx, "samples" if self.hp.aggregation == "samples" else "uniform")
         for key, (_, _, max_rank) in self.layer_shapes.items():
             ids = uploaders_of(uploads, f"{key}.lora_A")
@@ -135,6 +141,11 @@ class HetLoRA(ArchRankedLoRAMethod):
             b_new = sum(w * F.pad(b, (0, max_rank - b.shape[1])) for w, (_, b) in zip(weights, factors))
             self.global_factors[f"{key}.lora_A"] = a_new
             self.global_factors[f"{key}.lora_B"] = b_new
+
+
+def upload_rank(upload: Payload, default: int) -> int:
+    """The rank of a client's upload (every layer's A has the client's rank rows); `default` if it has none."""
+    return next((v.shape[0] for k, v in upload.items() if k.endswith(".lora_A")), default)
 
 
 def tail_norm(layers, rank: int, gamma: float) -> torch.Tensor:

@@ -9,6 +9,10 @@ vit-hetero group, block i's q of the width-256 clients (ViT-1/2/3, blocks 0-3 sh
 two, 6-7 by ViT-1 alone) and of the width-128 ones (ViT-4/5, blocks 0-3) are separate layers. Clients of one
 width share the initial weights of those blocks (the common initialisation is seeded by the width), so the
 factors they exchange adapt the same frozen weights, as in the methods' papers.
+
+Server hooks never read client.state (under Flower the server holds none): a client's layer keys come from its
+architecture (`server_keys`, noted when the layers are checked), and what else the server needs (HetLoRA's
+current ranks) it keeps itself, learnt from the uploads.
 """
 from __future__ import annotations
 
@@ -57,7 +61,7 @@ class LoRAMethod(Algorithm):
     factors. hp must have: targets (str), scaling (alpha / r), dropout, train_base (bool)."""
 
     server_flops_by_upload_shapes = True
-    checkpoint_exclude = ("layer_shapes",)  # rebuilt identically by __init__
+    checkpoint_exclude = ("layer_shapes", "arch_keys")  # rebuilt identically by __init__
 
     def __init__(self, ctx, hp):
         super().__init__(ctx, hp)
@@ -70,8 +74,10 @@ class LoRAMethod(Algorithm):
     def check_layers(self) -> None:
         """Build every (architecture, rank) of the run on the meta device (no memory, no RNG) so that a target
         matching nothing or a rank larger than a layer is one clear error before anything runs; note each
-        federated layer's key -> (out, in, the largest rank among the clients that have it)."""
+        federated layer's key -> (out, in, the largest rank among the clients that have it), and each
+        architecture's keys (a layer's key is its name and base shape: the same at every rank)."""
         self.layer_shapes: dict[str, tuple[int, int, int]] = {}
+        self.arch_keys: dict[str, list[str]] = {}
         seen = set()
         for cid, arch in enumerate(self.ctx.client_archs):
             rank = self.client_rank(cid)
@@ -82,6 +88,7 @@ class LoRAMethod(Algorithm):
                 model = build_model(arch, self.ctx.num_classes, self.ctx.in_channels, self.ctx.image_size)
                 add_lora(model, self.hp.targets, rank, self.hp.scaling * rank, what=arch,
                          where=f"{self.name}.{self.rank_option()} (client {cid}, {arch})")
+            self.arch_keys[arch] = [layer_key(name, layer) for name, layer in lora_layers(model).items()]
             for name, layer in lora_layers(model).items():
                 key = layer_key(name, layer)
                 known = self.layer_shapes.get(key, (0, 0, 0))[2]
@@ -124,6 +131,11 @@ class LoRAMethod(Algorithm):
     def keyed_layers(self, client) -> dict[str, LoRALinear]:
         """The client's LoRA layers under the server's keys (name@out x in)."""
         return {layer_key(name, layer): layer for name, layer in self.layers(client).items()}
+
+    def server_keys(self, client) -> list[str]:
+        """The server's keys of the client's LoRA layers, from its architecture alone (server side: no
+        client.state), in the order of keyed_layers."""
+        return self.arch_keys[client.arch]
 
     def predict(self, client, x):
         return client.state["model"](x)

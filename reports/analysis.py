@@ -417,3 +417,45 @@ def cost_normalised(group: Group) -> tuple[pd.DataFrame, dict[str, Budget]]:
             row[f"{kind}_budget"], row[f"{kind}_needed"] = b.budget, b.needs.get(m)
         rows.append(row)
     return pd.DataFrame(rows), budgets
+
+
+# ---- measured totals per method (the transformer recipe) -------------------------------------------------------
+def clients_sampled(run: Run) -> float:
+    """The clients sampled over all rounds of a run: the sum of its `clients_sampled` metric, or where a run
+    did not record it, rounds x ceil(C N) (bench.config.RunConfig.clients_per_round) from its config."""
+    df = run.metrics[run.metrics["step"] > 0]
+    if "clients_sampled" in df and df["clients_sampled"].notna().any():
+        return float(df["clients_sampled"].sum())
+    n, c = run.params.get("num_clients"), run.params.get("participation")
+    if n is None or c is None:
+        return math.nan
+    return float(df["step"].nunique() * max(1, math.ceil(round(float(c) * int(n), 9))))
+
+
+def run_totals(run: Run) -> dict[str, float]:
+    """A run's measured totals: client training FLOPs, server FLOPs, bytes up + down, and bytes per sampled
+    client per round (the total over the clients sampled in all rounds); NaN where a run did not record one."""
+    df = run.metrics
+
+    def total(column: str) -> float:
+        return float(df[column].max()) if column in df and df[column].notna().any() else math.nan
+
+    nbytes = total("cum_bytes_up") + total("cum_bytes_down")
+    sampled = clients_sampled(run)
+    return {"train_flops": total("cum_train_flops"), "server_flops": total("cum_server_flops"), "bytes": nbytes,
+            "bytes_per_client_round": nbytes / sampled if sampled and sampled == sampled else math.nan}
+
+
+def cost_summary(group: Group) -> pd.DataFrame:
+    """Per method of a setting: final accuracy (mean and std across seeds) beside its measured totals (run_totals),
+    each the mean over seeds."""
+    rows = []
+    for m in group.methods:
+        runs = group.runs[m]
+        row: dict[str, Any] = {"group": group.label, "method": m, "seeds": len(runs)}
+        row["final_acc_mean"], row["final_acc_seed_std"] = mean_std([run_accuracies(r)["final_acc"] for r in runs])
+        totals = [run_totals(r) for r in runs]
+        for key in ("train_flops", "server_flops", "bytes", "bytes_per_client_round"):
+            row[key] = float(np.mean([t[key] for t in totals])) if totals else math.nan
+        rows.append(row)
+    return pd.DataFrame(rows)

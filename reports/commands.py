@@ -89,7 +89,7 @@ def list_recipes(recipes) -> None:
     for name, recipe in recipes.RECIPES.items():
         sizes = []
         for scale in ("smoke", "full"):
-            s = recipes.SCALES[scale]
+            s = recipes.recipe_scale(recipe, recipes.SCALES[scale])
             sizes.append(f"{scale} {len(recipe.grid(s, recipes.methods_of(s, registered)))}")
         click.echo(f"  {name:<14} {recipe.spec}: {recipe.description} [runs: {', '.join(sizes)}]")
     click.echo("  all            every recipe in turn")

@@ -11,6 +11,10 @@ Scales: `full` is the SPEC protocol (500 rounds, E=10, batch 512, 3 seeds, both 
 `smoke` is the same grid shrunk to finish on a 2-core CPU in minutes: 3 rounds, E=1, batch 64, 1 seed, a few
 cheap methods, CIFAR-10 only, shorter sweeps, and a fixed stratified subset of the real CIFAR-10 images
 (3000 train / 1000 test images; normalisation statistics measured on the subset).
+
+A recipe may bring scales of its own: `transformer` compares the LoRA methods with pFedLoRA and the MHPFL
+baselines on the heterogeneous ViT group (TRANSFORMER_SCALES: full = vit-hetero, 100 rounds, E=1, batch 64;
+smoke = vit-small-hetero on the same CIFAR-10 subset, 3 rounds).
 """
 from __future__ import annotations
 
@@ -80,6 +84,19 @@ SCALES: dict[str, Scale] = {
 }
 
 
+# The transformer group (heterogeneous ViTs, LoRA): the heterogeneous-LoRA methods beside pFedLoRA, the MHPFL
+# baselines that run on any architecture, and Standalone; T1's grid form on scales of its own.
+TRANSFORMER_METHODS = ("pfedlora", "hetlora", "flora", "fedsalora", "fedgh", "lgfedavg", "standalone")
+TRANSFORMER_SCALES: dict[str, Scale] = {
+    "full": replace(SCALES["full"], base={"rounds": 100, "local_epochs": 1, "batch_size": 64,
+                                          "model_group": "vit-hetero"},
+                    methods=TRANSFORMER_METHODS, settings=((10, 1.0), (50, 0.2))),
+    "smoke": replace(SCALES["smoke"], base={"rounds": 3, "local_epochs": 1, "batch_size": 64,
+                                            "model_group": "vit-small-hetero"},
+                     methods=TRANSFORMER_METHODS, settings=((10, 1.0),)),
+}
+
+
 def default_classes(dataset: str) -> int:
     """SPEC: 2 classes per client for CIFAR-10, 10 for CIFAR-100."""
     return 10 if dataset == "cifar100" else 2
@@ -116,10 +133,17 @@ class Cell:
         c = self.identity(sets)["config"]
         hp = self.identity(sets)["non_default_hparams"]
         parts = [Path(self.dataset).stem.replace(":", "") + (f"sub{self.subset[0]}" if self.subset else ""),
+                 *([c["model_group"]] if c.get("model_group", DEFAULT_GROUP) != DEFAULT_GROUP else []),
                  f"N{c['num_clients']}", f"C{c['participation']:g}", f"k{c['classes_per_client']}",
                  self.algorithm, *(f"{k}{v}" for k, v in sorted(hp.items())), f"s{self.seed}", self.key(sets)]
         return "-".join(str(p).replace("/", "_") for p in parts)
 
+
+DEFAULT_GROUP = "cnn-hetero"  # RunConfig's default model group: left out of cell names (others are in them)
+
+# RunConfig options under every cell's own: every image of the cell's dataset, never the quick preset's subset
+# (the full scale is the SPEC protocol; a smoke scale's subset is its dataset file, subset_dataset).
+CELL_OPTIONS: dict[str, Any] = {"subset": []}
 
 # Results-changing RunConfig fields that a cell's identity holds apart from its "config" (in its own terms).
 OWN_ENTRIES = ("algorithms", "seeds", "algo", "dataset")
@@ -130,7 +154,7 @@ def cell_identity(c: "Cell", sets: tuple[str, ...]) -> dict[str, Any]:
     from bench.config import load_config, results_fields
     from bench.registry import resolve_algorithms
 
-    options: dict[str, Any] = {**c.config, "algorithms": [c.algorithm], "seeds": [c.seed]}
+    options: dict[str, Any] = {**CELL_OPTIONS, **c.config, "algorithms": [c.algorithm], "seeds": [c.seed]}
     if c.hparams:
         options[c.algorithm] = dict(c.hparams)
     cfg = load_config(None, "quick", list(sets), options)
@@ -175,8 +199,10 @@ def data_label(scale: Scale, dataset: str) -> str:
 
 
 def setting_group(scale: Scale, dataset: str, n: int, c: float, classes: int | None = None) -> str:
+    """'CIFAR-10 · N=10, C=100%, 2 classes/client', and the model group where the scale sets one."""
+    group = scale.base.get("model_group")
     return (f"{data_label(scale, dataset)} · N={n}, C={100 * c:g}%, "
-            f"{classes or default_classes(dataset)} classes/client")
+            f"{classes or default_classes(dataset)} classes/client" + (f", {group}" if group else ""))
 
 
 # ---- recipes ----------------------------------------------------------------------------------------------------
@@ -187,6 +213,12 @@ class Recipe:
     description: str
     grid: Callable[[Scale, list[str]], list[Cell]]
     make: Callable[[list[Run], dict[str, Cell], Path], list[Section]]
+    scales: dict[str, Scale] | None = None   # the recipe's own scales by name (None: the common SCALES)
+
+
+def recipe_scale(recipe: Recipe, scale: Scale) -> Scale:
+    """The recipe's own scale of `scale`'s name (the transformer group's), else `scale` itself."""
+    return (recipe.scales or {}).get(scale.name, scale)
 
 
 def methods_of(scale: Scale, registered: list[str]) -> list[str]:
@@ -400,6 +432,34 @@ def make_ablation(runs, cells, out: Path) -> list[Section]:
     return sections
 
 
+def make_transformer(runs, cells, out: Path) -> list[Section]:
+    """Every method on the transformer group: final accuracy per setting, then per setting the measured totals
+    (cost_summary), accuracy against cumulative FLOPs and bytes, and accuracy against rounds."""
+    groups = groups_of(runs)
+    overview = Section("Transformer group: final accuracy")
+    if groups:
+        acc = analysis.accuracy_table(groups)
+        overview.items.append(table_item(marked(tables.final_accuracy_table(acc, "transformer_final_accuracy"),
+                                                cells), out))
+    sections = [overview]
+    for group in groups:
+        sfx = suffix_of(group, len(groups) > 1)
+        section = Section(f"Transformer group: {group.label}")
+        summary = analysis.cost_summary(group)
+        section.items.append(table_item(marked(tables.cost_summary_table(summary, f"transformer_cost{sfx}",
+                                                                         group.label), cells), out))
+        data = out / f"accuracy_curves{sfx}.csv"
+        out.mkdir(parents=True, exist_ok=True)
+        analysis.curves_long(group).to_csv(data, index=False)
+        curves = analysis.curves(group)
+        section.items.append(figure_item(plots.accuracy_vs_costs(curves, group.label), out, f"accuracy_vs_cost{sfx}",
+                                         "Accuracy vs cumulative client training FLOPs and bytes (up + down)", data))
+        section.items.append(figure_item(plots.accuracy_vs_round(curves, group.label, first_round=1), out,
+                                         f"accuracy_vs_round{sfx}", "Mean test accuracy vs round (from round 1)"))
+        sections.append(section)
+    return sections
+
+
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("t1", "T1", "final accuracy, methods x datasets x settings (N, C), mean ± std over seeds",
            t1_grid, make_t1),
@@ -417,6 +477,9 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
            epochs_grid, make_sweep("Adapter epochs", "E_adapter − E_local", "ΔE", "epochs")),
     Recipe("ablation", "Ablation", "pFedLoRA: iterative (alternating) vs joint training of F_k and the adapter",
            ablation_grid, make_ablation),
+    Recipe("transformer", "Transformer group", "pFedLoRA, HetLoRA, FLoRA, FedSA-LoRA, FedGH, LG-FedAvg and "
+           "Standalone on heterogeneous ViTs: final accuracy, measured FLOPs and bytes, accuracy vs cost and vs "
+           "round", t1_grid, make_transformer, scales=TRANSFORMER_SCALES),
 ]}
 
 
@@ -445,8 +508,9 @@ class Context:
     def experiment(self) -> str:
         return f"mhpfl-paper-{self.scale.name}"
 
-    def effective_scale(self) -> Scale:
-        scale = self.scale
+    def effective_scale(self, recipe: Recipe | None = None) -> Scale:
+        """The scale, or `recipe`'s own of that name, with the seeds and methods given on the command line."""
+        scale = recipe_scale(recipe, self.scale) if recipe is not None else self.scale
         if self.seeds:
             scale = replace(scale, seeds=tuple(self.seeds))
         if self.algorithms:
@@ -461,7 +525,7 @@ def registered_methods() -> list[str]:
 
 
 def recipe_cells(recipe: Recipe, ctx: Context) -> list[Cell]:
-    scale = ctx.effective_scale()
+    scale = ctx.effective_scale(recipe)
     methods = methods_of(scale, registered_methods()) if not ctx.algorithms else list(scale.methods)
     return recipe.grid(scale, methods)
 
@@ -614,7 +678,7 @@ def plan_cell(c: Cell, ctx: Context, datasets: dict[str, str]) -> tuple[dict[str
     if status == "partial":
         ctx.echo(f"{name}: unfinished results found, deleting and running again")
         drop_cell(root, name, ctx)
-    options = {**c.config, **ctx.options, "dataset": datasets[c.dataset], "algorithms": [c.algorithm],
+    options = {**CELL_OPTIONS, **c.config, **ctx.options, "dataset": datasets[c.dataset], "algorithms": [c.algorithm],
                "seeds": [c.seed], "output_dir": str(ctx.runs_dir), "run_name": name, "experiment": ctx.experiment}
     if c.hparams:
         options[c.algorithm] = dict(c.hparams)
@@ -653,16 +717,17 @@ def run_recipe(name: str, ctx: Context, dry_run: bool = False) -> dict[str, Any]
     """Run (or reuse) every cell of a recipe, then write its figures and tables, its manifest, and the
     index of the whole reports folder. Returns the manifest."""
     recipe = RECIPES[name]
+    scale = ctx.effective_scale(recipe)
     cells = recipe_cells(recipe, ctx)
     if not cells:
-        raise ValueError(f"recipe {name}: empty grid (no registered method among {', '.join(ctx.scale.methods)})")
+        raise ValueError(f"recipe {name}: empty grid (no registered method among {', '.join(scale.methods)})")
     if dry_run:
         for c in cells:
             ctx.echo(f"{cell_status(ctx.runs_dir / c.name(ctx.sets), c):8s} {c.name(ctx.sets)}")
         return {}
     start = time.perf_counter()
     data_dir = ctx.options.get("data_dir")
-    datasets = {d: (subset_dataset(d, ctx.scale.subset, data_dir, ctx.out / "data") if ctx.scale.subset else d)
+    datasets = {d: (subset_dataset(d, scale.subset, data_dir, ctx.out / "data") if scale.subset else d)
                 for d in dict.fromkeys(c.dataset for c in cells)}
     records = run_cells(name, cells, ctx, datasets)
     runs, by_source = collect(cells, ctx)
@@ -726,7 +791,7 @@ def host() -> dict[str, Any]:
 
 def write_manifest(out: Path, name: str, ctx: Context, records: list[dict], datasets: dict[str, str],
                    wall: float) -> dict[str, Any]:
-    scale = ctx.effective_scale()
+    scale = ctx.effective_scale(RECIPES[name])
     manifest = {
         "recipe": name, "spec_item": RECIPES[name].spec, "description": RECIPES[name].description,
         "scale": scale.name, "seeds": list(scale.seeds), "methods": sorted({r["algorithm"] for r in records}),

@@ -197,7 +197,11 @@ def dot(ax, x, y, gid: str, xerr=None, yerr=None, **style):
 
 
 # ---- accuracy curves ----------------------------------------------------------------------------------------
-def accuracy_vs_round(curves: dict[str, pd.DataFrame], title: str, heading: str = "Accuracy vs round") -> Figure:
+def accuracy_vs_round(curves: dict[str, pd.DataFrame], title: str, heading: str = "Accuracy vs round",
+                      first_round: int = 0) -> Figure:
+    """Mean test accuracy per round, one line per method (band = ± std across seeds). `first_round` = 1 leaves
+    out the untrained models' accuracy at round 0, so that the axis fits the trained rounds (a few rounds)."""
+    curves = {m: c[c["step"] >= first_round] for m, c in curves.items()}
     methods = [m for m in sorted(curves, key=method_sort_key) if not curves[m].empty]
     rows = legend_rows([display_name(m) for m in methods], COLUMN_W)
     fig, ax = plt.subplots(figsize=(COLUMN_W, 2.9 + 0.17 * rows))

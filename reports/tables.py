@@ -347,3 +347,37 @@ def sweep_table(df: pd.DataFrame, x: str, xlabel: str, name: str, title: str) ->
         best = sub["final_acc_mean"].max()
         bold[label] = [m in sub.index and sub.loc[m, "final_acc_mean"] == best for m in methods]
     return Table(name, title, display, df, bold if len(methods) > 1 else None)
+
+
+def cost_summary_table(summary: pd.DataFrame, name: str = "cost_summary", group: str = "") -> Table:
+    """Per method: final accuracy (mean ± std across seeds) beside the measured totals of its runs (means over
+    seeds): client training FLOPs, server FLOPs, bytes up + down, and bytes per sampled client per round. Best
+    accuracy in bold."""
+    s = summary.assign(order=[method_sort_key(m) for m in summary["method"]]).sort_values("order", kind="stable")
+    s = s.drop(columns="order").reset_index(drop=True)
+    display = pd.DataFrame({
+        "Method": [display_name(m) for m in s["method"]],
+        "Final acc. (%)": [pct(a, b) for a, b in zip(s["final_acc_mean"], s["final_acc_seed_std"])],
+        "Client training FLOPs": [eng(x, "FLOP") if not missing(x) else "—" for x in s["train_flops"]],
+        "Server FLOPs": [eng(x, "FLOP") if not missing(x) else "—" for x in s["server_flops"]],
+        "Bytes up + down": [eng(x, "B") if not missing(x) else "—" for x in s["bytes"]],
+        "Bytes per client per round": [eng(x, "B") if not missing(x) else "—" for x in s["bytes_per_client_round"]],
+        "Seeds": s["seeds"].astype(int),
+    })
+    bold = pd.DataFrame(False, index=display.index, columns=display.columns)
+    if len(s) and s["final_acc_mean"].notna().any():
+        bold["Final acc. (%)"] = s["final_acc_mean"] == s["final_acc_mean"].max()
+    notes = ["Totals over the whole run, means over seeds: client training FLOPs (every client's local training), "
+             "server FLOPs (aggregation and any server-side training), bytes uploaded + downloaded by all clients. "
+             "Per client per round: the total bytes divided by the clients sampled over all rounds (a sampled "
+             "client's up + down traffic in a round, on average)."]
+    title = (f"Final mean test accuracy (%), mean ± std across seeds over {common_over_seeds(s)}, and measured "
+             f"computation and communication ({group or (s['group'].iloc[0] if len(s) else '')})")
+    return Table(name, title, display, s, bold, notes)
+
+
+def common_over_seeds(s: pd.DataFrame) -> str:
+    counts = sorted(set(int(n) for n in s["seeds"])) if len(s) else []
+    if len(counts) == 1:
+        return f"{counts[0]} seed" + ("s" if counts[0] != 1 else "")
+    return "each row's seeds (Seeds column)"

@@ -99,7 +99,7 @@ def test_server_a_is_the_weighted_mean_per_layer_and_shape(aggregation):
             sum(1.0 if aggregation == "samples" else n[c] for c in ids)
         torch.testing.assert_close(value, expected)
         moved = float((expected - before[key]).abs().max())
-        assert moved > 1e-3  # the mean is not the server's old A
+        assert moved > 1e-4  # the mean is not the server's old A (one step of lr 0.05 moves it by ~1e-3)
         assert len(ids) == 1 or float((other - expected).abs().max()) > 0.01 * moved  # the weights matter
     # block 0's q: the width-64 clients (0, 1, 2) and the width-32 ones (3, 4) are separate layers
     keys = sorted(k for k in sim.algo.global_a if k.startswith("extractor.blocks.0.attn.q@"))

@@ -141,8 +141,13 @@ def test_a_pruned_client_downloads_and_trains_at_its_new_rank():
     sim = make_sim({"prune_lambda": 5.0, "prune_gamma": 0.75})
     randomise_global(sim)
     client = sim.clients[0]
-    client_update(sim, client, sim.algo.server_payload(client, 0), 0)
+    upload, _ = client_update(sim, client, sim.algo.server_payload(client, 0), 0)
     assert client.state["rank"] == 12
+    # the server learns the new rank from the upload (it never reads the client's state): not before
+    assert sum(v.numel() * 4 for v in sim.algo.server_payload(client, 1).values()) == \
+        factor_bytes(qv_shapes(client.arch), 16)
+    sim.algo.aggregate({client.id: upload}, 0)
+    assert sim.algo.ranks[client.id] == 12
     payload = sim.algo.server_payload(client, 1)
     assert sum(v.numel() * 4 for v in payload.values()) == factor_bytes(qv_shapes(client.arch), 12)
     phases = []

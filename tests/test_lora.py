@@ -167,3 +167,58 @@ def test_cli_refuses_targets_that_match_nothing(monkeypatch, capsys, tmp_path, s
 def test_cli_refuses_lora_methods_on_a_group_without_the_targets(monkeypatch, capsys, tmp_path, small_npz):
     line = refused(monkeypatch, capsys, tmp_path, small_npz, "--algo", "hetlora", "--model-group", "cnn5-homo")
     assert line.startswith("error: LoRA target 'q' matches no linear layer of cnn5; valid: ")
+
+
+# ---- the LoRA methods' server side: never reads client.state -----------------------------------------------------
+class NoState(dict):
+    """A client's state as a Flower server sees it: nothing (any read fails)."""
+
+    def __getitem__(self, key):
+        raise AssertionError(f"a server hook read client.state[{key!r}]")
+
+    def get(self, key, default=None):
+        return self[key]
+
+
+def hide_states_from_server(sim) -> None:
+    """Every client's state reads as NoState while the server's hooks run (its payloads, its aggregation)."""
+    def hidden(hook):
+        def call(*args):
+            states = {c.id: c.state for c in sim.clients}
+            for c in sim.clients:
+                c.state = NoState()
+            try:
+                return hook(*args)
+            finally:
+                for c in sim.clients:
+                    c.state = states[c.id]
+        return call
+
+    sim.algo.server_payload = hidden(sim.algo.server_payload)
+    sim.algo.aggregate = hidden(sim.algo.aggregate)
+
+
+@pytest.mark.parametrize("algorithm", ["hetlora", "flora", "fedsalora"])
+def test_server_hooks_never_read_the_clients_state(algorithm):
+    """Rounds that change what the server sends (HetLoRA prunes ranks, FLoRA's clients miss stacks) run the
+    same, to the byte and the metric, when the server's hooks see no client state (as under Flower)."""
+    from tests.conftest import make_hand_simulation
+    from tests.lora_handcalc import FULL
+
+    hp = {"prune_lambda": 5.0, "prune_gamma": 0.75} if algorithm == "hetlora" else {}
+    runs = []
+    for hide in (False, True):
+        sim = make_hand_simulation(algorithm, model_group="vit-small-hetero", batch_size=FULL, lr=0.05, hp=hp,
+                                   participation=0.6)
+        if algorithm == "hetlora":  # a non-zero global B, so that ranks get pruned from round 0 on
+            gen = torch.Generator().manual_seed(0)
+            for key, value in sim.algo.global_factors.items():
+                sim.algo.global_factors[key] = torch.randn(value.shape, generator=gen) * 0.05
+        if hide:
+            hide_states_from_server(sim)
+        metrics = [{k: v for k, v in sim.run_round(r).items() if "time" not in k} for r in range(3)]  # no clocks
+        runs.append((metrics, dict(sim.bytes_down), dict(sim.bytes_up)))
+        if algorithm == "hetlora":  # the server's ranks are the clients' own, and some were pruned
+            assert sim.algo.ranks == {c.id: c.state["rank"] for c in sim.clients}
+            assert any(c.state["rank"] < sim.algo.client_rank(c.id) for c in sim.clients)
+    assert runs[0] == runs[1]

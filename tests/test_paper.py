@@ -29,7 +29,7 @@ def configs(cells):
 
 def test_every_spec_section_4_item_has_a_recipe():
     assert list(paper.RECIPES) == ["t1", "convergence", "cost", "noniid", "participation", "rank", "epochs",
-                                   "ablation"]
+                                   "ablation", "transformer"]
     spec = Path(__file__).resolve().parents[2].joinpath("shared", "SPEC.md")
     if spec.exists():  # the items of section 4, as the SPEC names them
         section = spec.read_text().split("## 4.")[1]
@@ -48,6 +48,7 @@ def test_full_scale_is_the_spec_protocol():
     assert {c.config["classes_per_client"] for c in t1 if c.dataset == "cifar100"} == {10}
     assert {c.config["classes_per_client"] for c in t1 if c.dataset == "cifar10"} == {2}
     assert {c.seed for c in t1} == {0, 1, 2} and full.subset is None
+    assert t1[0].identity()["config"]["subset"] == []  # every image: never the quick preset's subset
     noniid = paper.noniid_grid(full, ALL)
     assert sorted({c.x for c in noniid if c.dataset == "cifar10"}) == [2, 4, 6, 8, 10]
     assert sorted({c.x for c in noniid if c.dataset == "cifar100"}) == [10, 30, 50, 70, 90, 100]
@@ -72,7 +73,9 @@ def test_smoke_is_the_same_grid_shrunk():
     assert set(smoke.methods) <= set(full.methods) and "pfedlora" in smoke.methods
     assert smoke.subset is not None
     for name, recipe in paper.RECIPES.items():
-        assert 0 < len(recipe.grid(smoke, ALL)) < len(recipe.grid(full, ALL)), name
+        small, big = paper.recipe_scale(recipe, smoke), paper.recipe_scale(recipe, full)
+        methods = [*ALL, *paper.TRANSFORMER_METHODS]
+        assert 0 < len(recipe.grid(small, methods)) < len(recipe.grid(big, methods)), name
 
 
 def test_cell_names_are_deterministic_and_shared_by_identical_runs():
@@ -211,3 +214,112 @@ def test_bench_paper_cli(tmp_path):
         lines = dry.output.strip().splitlines()
         assert lines and all(line.startswith("missing") for line in lines)
         assert sum("-s1-" in line for line in lines) == len(lines) // 2
+
+
+# ---- the transformer recipe ---------------------------------------------------------------------------------------
+LORA_METHODS = ("pfedlora", "hetlora", "flora", "fedsalora", "fedgh", "lgfedavg", "standalone")
+
+
+def test_transformer_recipe_has_its_own_scales():
+    recipe = paper.RECIPES["transformer"]
+    full = paper.recipe_scale(recipe, paper.SCALES["full"])
+    cells = recipe.grid(full, paper.methods_of(full, paper.registered_methods()))
+    assert {c.algorithm for c in cells} == set(LORA_METHODS)  # every method registered, FedSA-LoRA by its name
+    assert len(cells) == 2 * 2 * len(LORA_METHODS) * 3
+    assert {(c.dataset, c.config["num_clients"], c.config["participation"]) for c in cells} == {
+        (d, n, c) for d in ("cifar10", "cifar100") for n, c in ((10, 1.0), (50, 0.2))}
+    assert {(c.config["model_group"], c.config["rounds"], c.config["local_epochs"], c.config["batch_size"])
+            for c in cells} == {("vit-hetero", 100, 1, 64)}
+    assert {c.seed for c in cells} == {0, 1, 2} and full.subset is None
+    assert cells[0].identity()["config"]["subset"] == []  # every image: never the quick preset's subset
+    assert {c.config["classes_per_client"] for c in cells if c.dataset == "cifar100"} == {10}
+    assert all(c.group.endswith(", vit-hetero") for c in cells)
+
+    smoke = paper.recipe_scale(recipe, paper.SCALES["smoke"])
+    cells = recipe.grid(smoke, paper.methods_of(smoke, paper.registered_methods()))
+    assert [c.algorithm for c in cells] == list(LORA_METHODS)
+    assert {(c.dataset, c.subset, c.seed, c.config["num_clients"], c.config["participation"], c.config["rounds"],
+             c.config["model_group"]) for c in cells} == {("cifar10", (3000, 1000), 0, 10, 1.0, 3, "vit-small-hetero")}
+    assert smoke.subset == paper.SCALES["smoke"].subset  # the same CIFAR-10 subset file as the other smoke recipes
+    # Its cells are its own (the model group is in the name and the hash); the CNN recipes' names keep no group.
+    assert re.fullmatch(r"cifar10sub3000-vit-small-hetero-N10-C1-k2-hetlora-s0-[0-9a-f]{8}", cells[1].name())
+    t1 = {c.name() for c in paper.t1_grid(paper.SCALES["smoke"], ALL)}
+    assert not t1 & {c.name() for c in cells}
+    # The command line's seeds and methods apply to the recipe's own scale.
+    ctx = paper.Context(out=Path("unused"), scale=paper.SCALES["smoke"], seeds=(3,), algorithms=("hetlora",))
+    (only,) = paper.recipe_cells(recipe, ctx)
+    assert (only.algorithm, only.seed, only.config["model_group"]) == ("hetlora", 3, "vit-small-hetero")
+
+
+def lora_ctx(tmp_path, methods=("hetlora", "fedsalora", "standalone")):
+    npz = tiny_npz(tmp_path / "tiny.npz")
+    scale = replace(paper.TRANSFORMER_SCALES["smoke"], name="tiny", datasets=(str(npz),), subset=None,
+                    base={**paper.TRANSFORMER_SCALES["smoke"].base, "rounds": 2}, seeds=(0, 1),
+                    settings=((5, 1.0), (10, 0.5)), methods=methods)
+    return paper.Context(out=tmp_path / "paper", scale=scale, progress=False, options={"device": "cpu"},
+                         echo=lambda *_: None)
+
+
+def test_transformer_recipe_outputs_per_setting(tmp_path, monkeypatch):
+    """On synthetic runs of known costs (reports/synthetic.py: per round F FLOPs (1 + seed / 100) and B bytes per
+    client each way, for all N clients): the table's totals and bytes per sampled client per round are the hand
+    counts, and each setting has its accuracy-vs-cost and accuracy-vs-round figures."""
+    from reports.synthetic import PROFILES
+
+    calls: list[str] = []
+    monkeypatch.setattr("bench.runner.run_invocations", fake_runner(calls))
+    monkeypatch.setattr(plots, "FORMATS", ("png",))
+    ctx = lora_ctx(tmp_path)
+    manifest = paper.run_recipe("transformer", ctx)
+    assert manifest["counts"] == {"ran": 12, "reused": 0, "failed": 0}
+    assert manifest["scale_settings"]["base"]["model_group"] == "vit-small-hetero"
+    out = ctx.out / "transformer"
+    overview = pd.read_csv(out / "transformer_final_accuracy.csv")
+    assert set(overview["method"]) == {"hetlora", "fedsalora", "standalone"} and set(overview["seeds"]) == {2}
+    rounds = 2
+    for n, c, sampled in ((5, 1.0, 5), (10, 0.5, 5)):
+        sfx = f"-tiny-n-{n}-c-{100 * c:g}-2-classes-client-vit-small-hetero"
+        table = pd.read_csv(out / f"transformer_cost{sfx}.csv").set_index("method")
+        for method in ("hetlora", "fedsalora", "standalone"):
+            _, flops, nbytes = PROFILES.get(method, (0.6, 1e12, 1e5))
+            row = table.loc[method]
+            assert row["train_flops"] == pytest.approx(rounds * flops * (1 + 0.005))  # mean over seeds 0 and 1
+            assert row["bytes"] == pytest.approx(rounds * 2 * nbytes * n)
+            assert row["bytes_per_client_round"] == pytest.approx(2 * nbytes * n / sampled)
+            assert row["seeds"] == 2 and 0 < row["final_acc_mean"] < 1 and row["final_acc_seed_std"] > 0
+        md = (out / f"transformer_cost{sfx}.md").read_text()
+        assert "TINY scale (2 rounds)" in md and "Bytes per client per round" in md and "FedSA-LoRA" in md
+        for stem in ("accuracy_vs_cost", "accuracy_vs_round"):
+            assert (out / f"{stem}{sfx}.png").exists(), stem
+    index = (ctx.out / "index.md").read_text()
+    assert "(transformer/accuracy_vs_cost-tiny-n-5-c-100-2-classes-client-vit-small-hetero.png)" in index
+
+
+def test_bytes_per_client_per_round_count_the_clients_sampled():
+    """run_totals divides the total bytes by the clients sampled over the rounds (the metric, where recorded)."""
+    from reports import analysis
+    from reports.results import Run
+
+    metrics = pd.DataFrame({"step": [0, 1, 2], "acc_mean": [0.1, 0.5, 0.6], "clients_sampled": [0, 3, 2],
+                            "cum_train_flops": [0, 10.0, 30.0], "cum_server_flops": [0, 1.0, 2.0],
+                            "cum_bytes_up": [0, 300.0, 500.0], "cum_bytes_down": [0, 600.0, 1000.0]})
+    run = Run("hetlora-seed0", "hetlora", 0, "FINISHED", {"num_clients": 10, "participation": 1.0}, {}, {}, metrics,
+              None, "x")
+    assert analysis.run_totals(run) == {"train_flops": 30.0, "server_flops": 2.0, "bytes": 1500.0,
+                                        "bytes_per_client_round": 1500.0 / 5}
+    # without the metric: rounds x ceil(C N) from the config (C = 0.25 of N = 10 samples 3)
+    run.metrics = metrics.drop(columns="clients_sampled")
+    run.params = {"num_clients": 10, "participation": 0.25}
+    assert analysis.run_totals(run)["bytes_per_client_round"] == 1500.0 / (2 * 3)
+
+
+def test_accuracy_vs_round_can_start_at_round_one():
+    """The transformer recipe draws its few rounds from round 1 (round 0 is the untrained models)."""
+    curve = pd.DataFrame({"step": [0, 1, 2], "acc": [0.05, 0.6, 0.65], "acc_seed_std": [float("nan")] * 3,
+                          "cum_train_flops": [0, 1e9, 2e9], "cum_bytes": [0, 1e5, 2e5], "seeds": [1] * 3})
+    fig = plots.accuracy_vs_round({"hetlora": curve}, "setting", first_round=1)
+    x, y = plots.drawn_lines(fig)["hetlora"]
+    assert list(x) == [1, 2] and list(y) == pytest.approx([60, 65])
+    x, _ = plots.drawn_lines(plots.accuracy_vs_round({"hetlora": curve}, "setting"))["hetlora"]
+    assert list(x) == [0, 1, 2]
+    plots.plt.close("all")
