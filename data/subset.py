@@ -15,6 +15,8 @@ def stratified_subset(ds: ArrayDataset, n_train: int, n_test: int) -> ArrayDatas
     if n_train < ds.num_classes or n_test < ds.num_classes:
         raise UserError(f"subset [{n_train}, {n_test}] holds fewer images than {ds.name}'s {ds.num_classes} "
                         f"classes; valid: at least {ds.num_classes} train and test images each")
+    if n_train >= len(ds.y_train) and n_test >= len(ds.y_test):  # a dataset no larger than the subset: as it is
+        return ds
     rng = np.random.default_rng(0)
 
     def pick(y: np.ndarray, n: int) -> np.ndarray:

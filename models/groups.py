@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from models.cnn import CNN, CNN_SPECS, SplitModel
-from models.torchvision_models import TorchvisionModel
 from models.vit import VIT_SPECS, ViT, vit_image_size_problem
 
 TORCHVISION_ARCHS = ("resnet18", "resnet34", "mobilenetv2")
@@ -31,6 +30,9 @@ def build_model(arch: str, num_classes: int, in_channels: int = 3, image_size: i
     if arch in CNN_SPECS:
         return CNN(arch, num_classes, in_channels, image_size)
     if arch in TORCHVISION_ARCHS:
+        # imported here: torchvision costs ~1.5 s to import, paid by every process (each Flower ClientApp) otherwise
+        from models.torchvision_models import TorchvisionModel
+
         return TorchvisionModel(arch, num_classes, in_channels, image_size)
     if arch in VIT_SPECS:
         return ViT(arch, num_classes, in_channels, image_size)

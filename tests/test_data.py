@@ -530,3 +530,10 @@ def test_quick_preset_runs_on_a_subset_and_paper_preset_on_every_image():
     assert load_config(None, "quick").subset == [10000, 2000]
     assert not load_config(None, "paper").subset
     assert not load_config(None, "quick", ["subset=[]"]).subset
+
+
+def test_a_dataset_no_larger_than_the_subset_is_used_as_it_is():
+    from data.subset import stratified_subset
+
+    ds = synthetic_dataset(num_classes=4, train_size=400, test_size=200, seed=0)
+    assert stratified_subset(ds, 10000, 2000) is ds

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import subprocess
+import sys
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +17,7 @@ import pytest
 import torch
 
 from algorithms.standalone import Standalone
+from bench import registry
 from bench.config import RunConfig, resolve_dataset_defaults
 from bench.errors import UserError
 from bench.executors.flower import FlowerExecutor
@@ -155,6 +158,12 @@ def runs(flower, dataset_file, tmp_path_factory):
         run_invocation(invocation_config(out, "flower", dataset_file), show_progress=False,
                        executor=FlowerExecutor(grid=grid))
         over_flower["peeker"] = attempt(lambda: history(simulation(Case("standalone"), dataset_file, link, Peeker)))
+        with pytest.MonkeyPatch.context() as patch:  # `bench run --executor flower --algo opaque`, a plugin's way
+            registry.algorithms()
+            patch.setitem(registry._REGISTRY, "opaque", Opaque)
+            config_ = dataclasses.replace(invocation_config(out, "opaque", dataset_file), algorithms=["opaque"])
+            over_flower["opaque"] = attempt(lambda: run_invocation(config_, show_progress=False,
+                                                                   executor=FlowerExecutor(grid=grid)))
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -271,14 +280,16 @@ class Unpicklable:
     """Client state the Flower records cannot hold (neither tensor, module nor plain value)."""
 
 
+class Opaque(Standalone):
+    """A plugin whose client state holds an object Flower records cannot hold."""
+    name = "opaque"
+
+    def init_client(self, client) -> None:
+        super().init_client(client)
+        client.state["scorer"] = Unpicklable()
+
+
 def test_unserialisable_client_state_is_one_clear_line(flower, dataset_file):
-    class Opaque(Standalone):
-        name = "opaque"
-
-        def init_client(self, client) -> None:
-            super().init_client(client)
-            client.state["scorer"] = Unpicklable()
-
     cfg = config(Case("standalone"), dataset_file)
     data, splits = inputs(cfg)
     with pytest.raises(UserError) as err:
@@ -295,6 +306,29 @@ def test_batched_training_is_refused(flower, dataset_file):
     with pytest.raises(UserError, match="batched_training"):
         flower.FlowerSimulation(cfg, resolve_algorithms(["standalone"])[0], SEED, data, splits, torch.device("cpu"), None,
                          None, "x", partition_sha256(splits))
+
+
+def test_unserialisable_state_stops_a_flower_run_with_one_line_and_marks_it_failed(runs):
+    """Through the executor (`bench run --executor flower`): the UserError propagates (the CLI prints it as its one
+    error line, exit 2) and the results folder records the run FAILED with that reason."""
+    _, flower, out = runs
+    err = flower["opaque"]
+    assert isinstance(err, UserError), err
+    assert "\n" not in str(err) and str(err).startswith("opaque: client state cannot be put in a Flower record")
+    summary = json.loads((out / "opaque" / "runs" / "opaque-seed0" / "summary.json").read_text())
+    assert summary["status"] == "FAILED" and summary["error"] == str(err)
+
+
+def test_a_clientapp_process_does_not_import_torchvision(flower):
+    """Flower starts a fresh ClientApp process for every message: torchvision (over a second to import) loads only
+    where a model needs it (models/torchvision_models.py), not for the ClientApp the Flower App names."""
+    import tomllib
+
+    app = tomllib.loads((Path(__file__).parents[1] / "bench/flower/app/pyproject.toml").read_text())
+    module = app["tool"]["flwr"]["app"]["components"]["clientapp"].partition(":")[0]
+    code = f"import sys, {module}; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torchvision'))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
 
 
 @pytest.mark.skipif(HAVE_FLOWER, reason="checks the message an install without Flower gives")

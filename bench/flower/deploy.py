@@ -1,6 +1,8 @@
 """The deployed Flower app (`flwr run bench/flower/app <connection>`): `server_app` runs on the SuperLink's
-machine and writes the results folder and MLflow there, as `bench run` does; each SuperNode runs `client_app`
-(bench/flower/client.py) for the client its node config names (`partition-id`).
+machine and writes the results folder and MLflow there, as `bench run` does; each SuperNode runs
+bench/flower/client.py's `app` for the client its node config names (`partition-id`). app/pyproject.toml names
+that module directly, so a ClientApp process (one per message) skips this server side's imports; `client_app` here
+is the same object.
 
 The run config (bench/flower/app/pyproject.toml lists the keys and defaults) says what to run: `config` (a bench
 TOML file), `set` (";"-separated --set overrides), `run-name`, `output-dir`, and the timeouts. A run whose client
@@ -18,7 +20,7 @@ from bench.flower.run import FlowerOptions
 from bench.runner import run_invocation
 
 server_app = ServerApp()
-client_app = client.app  # an assignment: `flwr run` finds the components by reading this file
+client_app = client.app  # the same ClientApp (app/pyproject.toml names client.app itself)
 
 
 @server_app.main()

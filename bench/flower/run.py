@@ -1,22 +1,19 @@
 """A results folder's runs over a Flower Grid: the run lifecycle of bench/runner.py (execute_run) with a
-FlowerSimulation in place of the built-in one. The same callbacks write the results folder, MLflow and the
+FlowerSimulation in place of the built-in Simulation. The same callbacks write the results folder, MLflow and the
 progress lines, round by round, so a run that fails (a SuperNode that stops mid-round) keeps every round
 already written and ends FAILED with the reason."""
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from bench.callbacks import Callback
-from bench.errors import UserError
+from bench.callbacks import Callback, RunInfo
 from bench.flower.link import ClientLink
 from bench.flower.server import FlowerSimulation
 from bench.plan import RunSpec
-from bench.runner import Invocation, RunEnv, failed_summary, finish_round, interrupt_name
-from bench.summary import run_summary
+from bench.runner import Invocation, RunEnv, execute_run, failed_summary
 
 
 @dataclass
@@ -37,43 +34,21 @@ def serve(inv: Invocation, grid: Any, options: FlowerOptions) -> None:
 
 
 def execute_flower_run(spec: RunSpec, env: RunEnv, callbacks: Callback, link: ClientLink) -> tuple[dict[str, Any], str]:
-    """One (algorithm, seed) run with its clients in Flower ClientApps. As execute_run: an exception marks the
-    run FAILED (the rounds written so far stay), a UserError ends it FAILED and propagates. Client state lives
-    on the clients, so a Flower run is not checkpointed: an interrupted one starts over."""
-    cfg = env.cfg
-    spec = dataclasses.replace(spec, checkpoint=None)
-    run = env.run_info(spec)
-    callbacks.on_run_start(run, None)
-    clients: list[dict[str, Any]] = []
-    try:
-        sim = FlowerSimulation(cfg, spec.algorithm, spec.seed, env.inputs.data, env.inputs.splits[spec.seed],
-                               env.device, spec.hparams, link, spec.key, run.params["partition_hash"])
-        finish_round(run, callbacks, 0, sim.initial_metrics())
-        for round_index in range(cfg.rounds):
-            metrics = sim.run_round(round_index)
-            if not math.isfinite(metrics["train_loss"]):
-                raise FloatingPointError(f"non-finite training loss in round {round_index + 1}")
-            finish_round(run, callbacks, round_index + 1, metrics)
-        clients = sim.client_table()
-        summary, status = run_summary(run.history, cfg.target_accuracy), "FINISHED"
-    except UserError as err:
-        run.error = err
-        callbacks.on_run_end(run, failed_summary(run, cfg, str(err)), [], "FAILED")
-        raise
-    except KeyboardInterrupt as err:
-        callbacks.on_run_end(run, failed_summary(run, cfg, f"interrupted ({interrupt_name(err)})"), [], "KILLED")
-        raise
-    except Exception as err:  # isolate the failure, as execute_run does
-        run.error = err
-        summary, status = failed_summary(run, cfg, f"{type(err).__name__}: {err}"), "FAILED"
-    callbacks.on_run_end(run, summary, clients, status)
-    return summary, status
+    """One (algorithm, seed) run with its clients in Flower ClientApps: execute_run's lifecycle (an exception
+    marks the run FAILED, the rounds written so far kept; a UserError ends it FAILED and propagates) with a
+    FlowerSimulation. Client state lives on the clients, so a Flower run is not checkpointed: an interrupted
+    one starts over."""
+    def flower_simulation(spec: RunSpec, env: RunEnv, run: RunInfo) -> FlowerSimulation:
+        return FlowerSimulation(env.cfg, spec.algorithm, spec.seed, env.inputs.data, env.inputs.splits[spec.seed],
+                                env.device, spec.hparams, link, spec.key, run.params["partition_hash"])
+
+    return execute_run(dataclasses.replace(spec, checkpoint=None), env, callbacks, flower_simulation)
 
 
 def skipped_run(spec: RunSpec, env: RunEnv, callbacks: Callback, reason: str) -> tuple[dict[str, Any], str]:
     """A run that cannot start because a client was lost in an earlier run: FAILED, with that reason."""
     run = env.run_info(dataclasses.replace(spec, checkpoint=None))
-    callbacks.on_run_start(run, None)
+    callbacks.on_run_start(run, -1 if env.resume else None)  # as execute_run: a resumed folder's run starts over
     summary = failed_summary(run, env.cfg, f"not run: {reason}")
     callbacks.on_run_end(run, summary, [], "FAILED")
     return summary, "FAILED"
