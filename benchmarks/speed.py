@@ -587,7 +587,7 @@ def explain(results: dict[str, Any], targets: list[dict[str, Any]], batched: dic
             notes.append(f"{head} floor_ratio {t['value']:.3f} > 0.80 (per-round ratios "
                          f"{', '.join(f'{x:.2f}' for x in r['floor_ratio_per_round'])}; load average "
                          f"{r['load_average_before'][0]:.1f} -> {r['load_average_after'][0]:.1f}; clients at once "
-                         f"{r['clients_at_once']}). The harness's own machinery is {r['harness_machinery_share']:.1%} "
+                         f"{r['clients_at_once']}{ONE_AT_A_TIME if r['clients_at_once'] == 1 else ''}). The harness's own machinery is {r['harness_machinery_share']:.1%} "
                          f"of an instrumented round; the levers (channels_last, foreach SGD, parallel clients) are "
                          f"measured one by one in the lever table.")
         elif False:
@@ -660,6 +660,9 @@ def explain(results: dict[str, Any], targets: list[dict[str, Any]], batched: dic
             f"on CPU). Its case is the GPU (many small kernels, launch-bound), which could not be measured here.")
     return notes
 
+
+ONE_AT_A_TIME = (": its client updates share algorithm state (FML's working meme) or its models use dropout, so "
+                 "its clients run one after the other and the parallel-clients lever, the largest, does not apply")
 
 PART_NOTES = {
     "data": "building each training batch on the device: one gather of uint8 images, random crop + flip "
