@@ -216,24 +216,27 @@ def mlflow_server(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
                                f"sqlite:///{tmp_path / 'server.db'}", "--host", "127.0.0.1", "--port", str(port),
-                               "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               "--workers", "1"], stdout=log, stderr=subprocess.STDOUT)
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300  # a loaded CI machine (tests in parallel) starts it slowly
         while True:
             try:
                 urllib.request.urlopen(f"{uri}/health", timeout=2)
                 break
             except OSError:
                 if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail("mlflow server did not start")
+                    tail = (tmp_path / "server.log").read_text()[-2000:]
+                    pytest.fail(f"mlflow server did not start (exit code {server.poll()}); its log ends:\n{tail}")
                 time.sleep(0.5)
         yield uri
     finally:
         server.terminate()
         server.wait(timeout=30)
+        log.close()
 
 
 def test_ray_grid_logs_to_a_tracking_server(small_npz, tmp_path, mlflow_server):
