@@ -527,7 +527,7 @@ def test_stratified_subset_takes_equal_shares_of_each_class_and_measures_its_own
 def test_quick_preset_runs_on_a_subset_and_paper_preset_on_every_image():
     from bench.config import load_config
 
-    assert load_config(None, "quick").subset == [10000, 2000]
+    assert load_config(None, "quick").subset == [20000, 4000]
     assert not load_config(None, "paper").subset
     assert not load_config(None, "quick", ["subset=[]"]).subset
 
