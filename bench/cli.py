@@ -79,7 +79,7 @@ def run(algorithms, config_file, preset, sets, quiet, resume, **options) -> None
     outcome = run_invocation(cfg, show_progress=not quiet, resume=resume, executor=executor)
     if cfg.subset and not quiet:  # the quick preset's subset: say how to run on every image
         click.echo(f"note: this ran on a subset of {cfg.dataset} ({cfg.subset[0]} train / {cfg.subset[1]} test images, "
-                   f"{cfg.rounds} rounds); every image: add --set subset=[] (about 5x longer), the SPEC protocol: "
+                   f"{cfg.rounds} rounds); on every image: add --set subset=[] (longer in proportion), the SPEC protocol: "
                    "--preset paper", err=True)
     finish(outcome)
 
