@@ -1,7 +1,7 @@
 """Speed benchmark of the harness: the simulator against a peer-style loop (the way PFLlib/HtFLlib run a round)
 and against the plain eager PyTorch floor, at identical work, for every registered MHPFL algorithm.
 
-    .venv/bin/python -m benchmarks.speed            # full run (about 10-15 minutes on a 2-core CPU)
+    .venv/bin/python -m benchmarks.speed            # full run (about 10 minutes on an idle 2-core CPU)
     .venv/bin/python -m benchmarks.speed --tiny --out /tmp/speed   # seconds; what CI runs
 
 Writes speed.json and speed.md into --out (default benchmarks/results/). Per algorithm and setting
