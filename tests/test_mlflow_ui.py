@@ -109,8 +109,10 @@ def test_bench_ui_leaves_nothing_running(sig, tmp_path):
     port = free_port()
     log = open(tmp_path / "ui.log", "w")
     # Its own session, like a shell's foreground job: Ctrl-C reaches this group only (bench, not the server).
+    # PYTHONFAULTHANDLER: a SIGABRT makes bench print every thread's stack into the log (see the timeout below)
     proc = subprocess.Popen([sys.executable, "-m", "bench.cli", "ui", "--output-dir", str(tmp_path), "--port",
-                             str(port)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                             str(port)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "PYTHONFAULTHANDLER": "1"})
     try:
         deadline = time.monotonic() + 180
         while True:
@@ -124,7 +126,13 @@ def test_bench_ui_leaves_nothing_running(sig, tmp_path):
         started = descendants(proc.pid)
         assert started and not any("huey" in cmd for cmd in started.values()), started  # no job runner
         os.killpg(proc.pid, sig)
-        assert proc.wait(timeout=60) == 0, (tmp_path / "ui.log").read_text()
+        try:  # stopping takes seconds; the bound is for a machine loaded by other tests (xdist)
+            code = proc.wait(timeout=180)
+        except subprocess.TimeoutExpired:  # where it hangs: the stacks faulthandler prints on SIGABRT
+            os.kill(proc.pid, signal.SIGABRT)
+            time.sleep(3)
+            raise AssertionError("bench ui did not stop; its log ends:\n" + (tmp_path / "ui.log").read_text()[-6000:])
+        assert code == 0, (tmp_path / "ui.log").read_text()
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
