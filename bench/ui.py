@@ -116,6 +116,10 @@ def serve(tracking_uri: str, port: int) -> int:
     """Run the UI until it exits or we are interrupted (Ctrl-C, SIGTERM); returns the server's exit code
     (0 when we stopped it). Nothing of it is left running afterwards."""
     check_port_free(port)
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C stops the UI even when this process started with SIGINT ignored (a parent that ignores it, such
+        # as a test runner's worker: Python then leaves it ignored and proc.wait() below would never end)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     proc = start_server(tracking_uri, port)
     try:
         return proc.wait()

@@ -112,7 +112,10 @@ def test_bench_ui_leaves_nothing_running(sig, tmp_path):
     # PYTHONFAULTHANDLER: a SIGABRT makes bench print every thread's stack into the log (see the timeout below)
     proc = subprocess.Popen([sys.executable, "-m", "bench.cli", "ui", "--output-dir", str(tmp_path), "--port",
                              str(port)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+                            env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+                            # started with SIGINT ignored, as under a parent that ignores it (an xdist worker can):
+                            # Python then keeps ignoring it, unless bench ui restores Ctrl-C itself
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         deadline = time.monotonic() + 180
         while True:
@@ -127,7 +130,7 @@ def test_bench_ui_leaves_nothing_running(sig, tmp_path):
         assert started and not any("huey" in cmd for cmd in started.values()), started  # no job runner
         os.killpg(proc.pid, sig)
         try:  # stopping takes seconds; the bound is for a machine loaded by other tests (xdist)
-            code = proc.wait(timeout=180)
+            code = proc.wait(timeout=90)
         except subprocess.TimeoutExpired:  # where it hangs: the stacks faulthandler prints on SIGABRT
             os.kill(proc.pid, signal.SIGABRT)
             time.sleep(3)
