@@ -4,9 +4,10 @@ For each algorithm, the run's own Simulation is built (same config, hyper-parame
 and the local updates of one round's sampled clients (at most CLIENTS of them) run twice through the
 simulator's own path, so that clients trained together or in parallel cost what they cost in the run, with
 every phase cut to STEPS batches: the first pass warms up (and counts the FLOPs of new step shapes, as the
-run's first round does), the second is timed. The wall time spent in phases (overlapping phases of parallel
-clients counted once) is scaled to their full number of batches; the rest of the updates (downloads,
-uploads, code between phases) is taken as measured. The round's aggregation and one evaluation of the
+run's first round does), the second is timed, and a third with every phase cut to 2 x STEPS batches gives
+the cost of one more batch (the wall time spent in phases, overlapping phases of parallel clients counted
+once), without the set-up of a phase's first steps. The third pass is scaled up by that cost to the full
+number of batches; the rest of the updates (downloads, uploads, code between phases) is taken as measured. The round's aggregation and one evaluation of the
 timed clients are timed as well. A resumed run is estimated for its rounds after its checkpoint only.
 Rough by design: `bench run` prints the measured time per round from round 1 on, and its "ETA all"
 rescales this estimate by how far off it was on the runs so far (bench/progress.py)."""
@@ -135,6 +136,26 @@ def checkpoint_step(directory: Path | None) -> int:
 
 
 @dataclass
+class Pass:
+    """One timed pass over a round's local updates with every phase cut short."""
+
+    seconds: float          # wall time of the whole updates
+    phase_seconds: float    # of which inside phases (training batches)
+    batches: int            # training batches the phases took
+
+
+def full_updates_seconds(short: Pass, long: Pass, full_batches: int) -> float:
+    """The updates' seconds with every phase run to its `full_batches` in all, from two cut passes (`long` takes
+    more batches per phase): a batch costs the difference of their phase times per extra batch, since a
+    phase's first steps also pay its set-up (optimizer state, gradients), which scaling one pass up would
+    count once per batch; the long pass's time outside the phases is kept as measured."""
+    per_batch = (long.phase_seconds - short.phase_seconds) / max(long.batches - short.batches, 1)
+    if per_batch <= 0:  # timing noise on a tiny pass: the plain average instead
+        per_batch = long.phase_seconds / max(long.batches, 1)
+    return long.seconds + per_batch * (full_batches - long.batches)
+
+
+@dataclass
 class RunCost:
     """The estimated cost of one run's parts: a round's training and aggregation, one evaluation of the
     clients a round evaluates, and the evaluation of every client before round 1."""
@@ -160,14 +181,16 @@ def time_run(cfg: RunConfig, spec: Any, data: DeviceData, splits: list[ClientSpl
     sim = Simulation(cfg, spec.algorithm, spec.seed, capped, splits, device, hparams=spec.hparams, observers=[watch])
     sampled = sim.sample_clients()[:CLIENTS]
     share = cfg.clients_per_round / len(sampled)  # per round: the clients timed stand for all sampled
+    passes = {}
     with sim.pool.threads():  # as run_round: the thread settings of the run's client pool
-        for _ in ("warm-up", "timed"):
+        for name, steps in (("warm-up", STEPS), ("short", STEPS), ("long", 2 * STEPS)):
             watch.seconds = 0.0
             capped.full = capped.taken = 0
+            capped.steps = steps
             start = time.perf_counter()
             uploads, _ = sim.local_updates(sampled, 0)
-            updates = time.perf_counter() - start
-        scale = capped.full / max(capped.taken, 1)
+            passes[name] = Pass(time.perf_counter() - start, watch.seconds, capped.taken)
+        training = full_updates_seconds(passes["short"], passes["long"], capped.full)
         start = time.perf_counter()
         sim.aggregate(uploads, 0)
         sim.after_aggregation(sampled, 0)
@@ -176,5 +199,5 @@ def time_run(cfg: RunConfig, spec: Any, data: DeviceData, splits: list[ClientSpl
     sim.evaluate(sampled)
     per_client = (time.perf_counter() - start) / len(sampled)
     evaluated = cfg.num_clients if sim.algo.prediction_uses_server_state else cfg.clients_per_round
-    return RunCost(per_round=(updates + watch.seconds * (scale - 1) + server) * share,
+    return RunCost(per_round=(training + server) * share,
                    per_evaluation=evaluated * per_client, initial=cfg.num_clients * per_client)
