@@ -142,7 +142,10 @@ def time_method(method: str, clients: int, participation: float, device: torch.d
             "gpu_memory_used_gib_max": sampler.max_memory_gib,
             "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
             "train_samples_per_round": sum(len(splits[c].train) for c in range(clients)) * participation
-            * sizes["local_epochs"], "acc_mean": metrics.get("acc_mean")}
+            * sizes["local_epochs"], "acc_mean": metrics.get("acc_mean"),
+            "flops_per_round": sum(metrics[k] for k in ("train_flops", "eval_flops", "server_flops")),
+            "achieved_tflops": sum(metrics[k] for k in ("train_flops", "eval_flops", "server_flops"))
+            / statistics.median(times) / 1e12}
 
 
 def concurrent_runs(method: str, k: int, rounds: int, device: torch.device, tiny: bool) -> dict[str, Any]:
@@ -190,6 +193,48 @@ def projection(results: dict[str, Any], concurrency: dict[str, Any] | None) -> d
     return out
 
 
+def grid_flops(device: torch.device, methods: list[str], sizes: dict[str, int] = FULL) -> dict[str, Any]:
+    """The FLOPs of the full T1 grid, as the harness counts them (executed forward and backward operations):
+    one round of each (method, setting) at the full data size with E=1, its training FLOPs scaled to the
+    protocol's E (every epoch takes the same batches), its evaluation and server FLOPs as counted. Any
+    device: FLOPs do not depend on it (on a CPU this takes minutes)."""
+    one_epoch = dict(sizes, local_epochs=1)
+    cells = {}
+    for n, c in T1_SETTINGS:
+        for m in methods:
+            cfg = RunConfig(algorithms=[m], dataset="synthetic", num_clients=n, participation=c,
+                            rounds=GRID["rounds"], local_epochs=1, batch_size=sizes["batch_size"], device=str(device))
+            ds, data = dataset_on(device, one_epoch)
+            sim = Simulation(cfg, resolve_algorithms([m])[0], 0, data, client_splits(cfg, ds, 0, device), device)
+            sim.run_round(0)
+            metrics = sim.run_round(1)  # not the first round: no evaluation before training in it
+            cells[f"{m} N={n}"] = {"train": metrics["train_flops"] * sizes["local_epochs"],
+                                   "eval": metrics["eval_flops"], "server": metrics["server_flops"]}
+            print(f"[flops] {m} N={n}: {sum(cells[f'{m} N={n}'].values()) / 1e12:.1f} TFLOP/round",
+                  file=sys.stderr, flush=True)
+    per_seed = sum(sum(cell.values()) for cell in cells.values()) * GRID["rounds"]
+    total = per_seed * GRID["datasets"] * GRID["seeds"]
+    return {"cells": cells, "total_flops": total, "methods": methods,
+            "sustained_tflops_for_one_hour": total / 3600 / 1e12}
+
+
+def flops_lines(flops: dict[str, Any], results: dict[str, Any] | None = None) -> list[str]:
+    """The grid's FLOPs, and the rate the one-hour target needs beside the rates measured (when there are)."""
+    lines = ["## Compute of the full T1 grid", "",
+             "FLOPs per round as the harness counts them (training E=10, evaluation, server), per (method, setting);"
+             " achieved TFLOP/s = those FLOPs / the measured s/round above.", "",
+             "| method | setting | TFLOP/round | achieved TFLOP/s |", "|---|---|---|---|"]
+    for key, cell in flops["cells"].items():
+        m, n = key.split(" ")
+        found = (results or {}).get(n, {}).get(m)
+        rate = f"{sum(cell.values()) / found['seconds_per_round'] / 1e12:.2f}" if found else "-"
+        lines.append(f"| {m} | {n} | {sum(cell.values()) / 1e12:.2f} | {rate} |")
+    lines += ["", f"Whole grid ({len(flops['methods'])} methods x 2 datasets x 3 settings x 3 seeds x 500 rounds, CIFAR-100 counted as "
+              f"CIFAR-10): {flops['total_flops']:.3g} FLOPs, so one GPU-hour needs {flops['sustained_tflops_for_one_hour']:.0f}"
+              " TFLOP/s sustained, every second of the hour.", ""]
+    return lines
+
+
 def write(out: Path, report: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu.json").write_text(json.dumps(report, indent=1, default=str))
@@ -229,9 +274,22 @@ def write(out: Path, report: dict[str, Any]) -> None:
                   + (f"; {proj['concurrent_gpu_hours']:.2f} GPU-hours with {proj['processes']} runs per GPU "
                      f"(measured combined speed-up {proj['concurrent_speedup']:.2f}x)" if "concurrent_gpu_hours" in proj
                      else "") + ". CIFAR-100 is counted at CIFAR-10's measured times.", ""]
+    if report.get("grid_flops"):
+        lines += flops_lines(report["grid_flops"], report["results"])
     if report.get("skipped"):
         lines += ["Not measured (out of --budget): " + "; ".join(report["skipped"]), ""]
     (out / "gpu.md").write_text("\n".join(lines))
+
+
+def write_flops(out: Path, flops: dict[str, Any], measured: Path | None) -> None:
+    """`--flops`: t1-grid-flops.json/md, with the achieved rates of an earlier GPU run's gpu.json if given."""
+    results = json.loads(measured.read_text())["results"] if measured else None
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "t1-grid-flops.json").write_text(json.dumps(flops, indent=1))
+    source = f" (measured s/round: {measured})" if measured else ""
+    text = "\n".join([f"# FLOPs of the full T1 grid{source}", ""] + flops_lines(flops, results))
+    (out / "t1-grid-flops.md").write_text(text)
+    print(text)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -242,6 +300,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tiny", action="store_true", help="small data and E=1: checks the script in seconds")
     ap.add_argument("--processes", type=int, default=4, help="runs at once in the several-runs-per-GPU step")
     ap.add_argument("--methods", nargs="*", default=list(T1_METHODS))
+    ap.add_argument("--flops", action="store_true",
+                    help="only count the full T1 grid's FLOPs (any device, minutes on a CPU); with --results "
+                         "GPU.JSON, beside that run's measured s/round")
+    ap.add_argument("--results", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker-rounds", type=int, default=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -250,6 +312,8 @@ def main(argv: list[str] | None = None) -> None:
     sizes = TINY if args.tiny else FULL
     if args.worker:
         return worker(args.worker, args.worker_rounds, device, sizes)
+    if args.flops:
+        return write_flops(args.out, grid_flops(device, args.methods, sizes), args.results)
     start = time.perf_counter()
     report: dict[str, Any] = {
         "argv": sys.argv[1:] if argv is None else argv, "device": str(device), "torch": torch.__version__,
@@ -288,6 +352,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         report["skipped"].append("several runs per GPU")
     report["projection"] = projection(report["results"], report.get("concurrency"))
+    if left() > 0:
+        report["grid_flops"] = grid_flops(device, args.methods, sizes)
     report["wall_seconds"] = time.perf_counter() - start
     write(args.out, report)
     print((args.out / "gpu.md").read_text())

@@ -231,6 +231,7 @@ def draw_cost_curves(ax, curves: dict[str, pd.DataFrame], cost: str, budget: Bud
     accuracy; the matched budget (if any) a dotted vertical line."""
     column, what = {"flops": ("cum_train_flops", "client training FLOPs"),
                     "bytes": ("cum_bytes", "bytes up + down")}[cost]
+    unit = "FLOPs" if cost == "flops" else "bytes"
     methods = sorted(curves, key=method_sort_key)
     values = []
     for m in methods:
@@ -240,7 +241,7 @@ def draw_cost_curves(ax, curves: dict[str, pd.DataFrame], cost: str, budget: Bud
             continue
         st = style_of(m, methods)
         if (c[column] <= 0).all():
-            line = ax.axhline(100 * c["acc"].iloc[-1], lw=1.1, label=f"{display_name(m)} (spends none)",
+            line = ax.axhline(100 * c["acc"].iloc[-1], lw=1.1, label=f"{display_name(m)} (no {unit})",
                               color=st["color"], linestyle=(0, (5, 3)), alpha=0.9)
             line.set_gid(f"{m}:level{gid_suffix}")
             continue
@@ -265,7 +266,7 @@ def draw_cost_curves(ax, curves: dict[str, pd.DataFrame], cost: str, budget: Bud
 def accuracy_vs_cost(curves: dict[str, pd.DataFrame], title: str, cost: str) -> Figure:
     """One panel: accuracy against cumulative FLOPs or bytes (see draw_cost_curves)."""
     methods = [m for m in curves if not curves[m].empty]
-    rows = legend_rows([display_name(m) + " (spends none)" for m in methods], COLUMN_W)
+    rows = legend_rows([display_name(m) + " (no bytes)" for m in methods], COLUMN_W)
     fig, ax = plt.subplots(figsize=(COLUMN_W, 2.9 + 0.17 * rows))
     draw_cost_curves(ax, curves, cost)
     seeds = max((int(c["seeds"].max()) for c in curves.values() if len(c)), default=1)
@@ -281,7 +282,7 @@ def accuracy_vs_costs(curves: dict[str, pd.DataFrame], title: str,
     """Two panels: accuracy against cumulative FLOPs and against cumulative bytes, one curve per method, log x,
     with the matched budgets of the cost-normalised table."""
     methods = [m for m in curves if not curves[m].empty]
-    rows = legend_rows([display_name(m) for m in methods] + ["Standalone (spends none)"], WIDE_W)
+    rows = legend_rows([display_name(m) for m in methods] + ["Standalone (no bytes)"], WIDE_W)
     fig, axes = plt.subplots(1, 2, figsize=(WIDE_W, 3.0 + 0.17 * rows), sharey=True)
     for ax, cost in zip(axes, ("flops", "bytes")):
         draw_cost_curves(ax, curves, cost, (budgets or {}).get(cost), gid_suffix=f"@{cost}")

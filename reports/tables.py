@@ -370,7 +370,10 @@ def cost_summary_table(summary: pd.DataFrame, name: str = "cost_summary", group:
     notes = ["Totals over the whole run, means over seeds: client training FLOPs (every client's local training), "
              "server FLOPs (aggregation and any server-side training), bytes uploaded + downloaded by all clients. "
              "Per client per round: the total bytes divided by the clients sampled over all rounds (a sampled "
-             "client's up + down traffic in a round, on average)."]
+             "client's up + down traffic in a round, on average).",
+             "FLOPs are counted as torch's FlopCounterMode counts them (matrix products, convolutions and the "
+             "like); element-wise averaging, sums and concatenation count 0, so a server that only averages or "
+             "stacks the uploads (e.g. LG-FedAvg, FLoRA, FedSA-LoRA) shows 0 server FLOPs."]
     title = (f"Final mean test accuracy (%), mean ± std across seeds over {common_over_seeds(s)}, and measured "
              f"computation and communication ({group or (s['group'].iloc[0] if len(s) else '')})")
     return Table(name, title, display, s, bold, notes)

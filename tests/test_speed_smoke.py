@@ -54,3 +54,22 @@ def test_tiny_speed_benchmark(tmp_path):
     assert report["batched"] and all(b["speedup"] > 0 for b in report["batched"].values())
     assert all(b["max_abs_param_diff"] < 1e-3 for b in report["batched"].values())
     assert isinstance(report["targets"], list) and report["targets"]
+
+
+def test_tiny_grid_flops_of_the_gpu_benchmark(tmp_path):
+    """`benchmarks.gpu --flops` counts each (method, setting) cell's FLOPs per round and totals the grid:
+    500 rounds x 2 datasets x 3 seeds of every cell; training scaled from one epoch to the protocol's E."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--flops", "--tiny", "--device", "cpu",
+                           "--methods", "fedgh", "fml", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    flops = json.loads((tmp_path / "t1-grid-flops.json").read_text())
+    assert set(flops["cells"]) == {f"{m} N={n}" for m in ("fedgh", "fml") for n in (10, 50, 100)}
+    for cell in flops["cells"].values():
+        assert cell["train"] > 0 and cell["eval"] > 0
+    # FML trains its private model and the meme, FedGH the private model only: more FLOPs in every setting
+    for n in (10, 50, 100):
+        assert flops["cells"][f"fml N={n}"]["train"] > flops["cells"][f"fedgh N={n}"]["train"]
+    total = sum(sum(cell.values()) for cell in flops["cells"].values()) * 500 * 2 * 3
+    assert flops["total_flops"] == total
+    assert "TFLOP/s sustained" in (tmp_path / "t1-grid-flops.md").read_text()
