@@ -91,8 +91,8 @@ class Algorithm:
     # The model group the conformance kit and the generic tests run it on: None means "cnn-hetero" ("cnn5-homo"
     # when homogeneous_only); methods that need other layers name a group of their family (LoRA: a ViT group).
     example_model_group: ClassVar[str | None] = None
-    # False when the clients' local updates share mutable algorithm state (FML's working meme, a momentum
-    # carried from client to client): the simulator then runs them one after the other, even under
+    # False when the clients' local updates share mutable algorithm state (a momentum carried from client to
+    # client): the simulator then runs them one after the other, even under
     # cfg.batched_training (which otherwise interleaves them to train their plain phases together).
     batchable_clients: ClassVar[bool] = True
     # True when after_aggregation_payload goes to every client, not only the round's sampled ones.

@@ -15,10 +15,15 @@ dL_M/dP and M gets dL_P/dM, and nn.KLDivLoss() averages over batch x classes).
 
 Payloads: down and up are the meme's state dict (4 x its parameter count bytes for the CNNs, which have
 no buffers). The client's copy of M is replaced by the global one every round, so it is not personal
-state: one working copy, owned by the algorithm, is loaded and trained for each sampled client in turn.
+state: the algorithm keeps a pool of spare working memes; each client update takes one (a new copy of the
+global meme when none is spare), loads the download into it, trains it and gives it back, so clients can
+train at once (threads, batched lockstep): one meme when they run one after the other, one per client
+training at once otherwise. The pool is not checkpointed (every download overwrites it).
 """
 from __future__ import annotations
 
+import copy
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -81,7 +86,7 @@ class FML(Algorithm):
     server_flops_by_upload_shapes = True
     description = "federated mutual learning: private model and a shared meme model distil into each other"
     Hyperparams = FMLHyperparams
-    batchable_clients = False  # every client trains the one working meme in turn
+    checkpoint_exclude = ("spare_memes", "spare_lock")  # working memes: each download overwrites them
     profiles = {
         "official": {"aggregation": "uniform"},
         "htfllib": {"aggregation": "uniform", "detach_teacher": False, "kl_reduction": "mean"},
@@ -92,7 +97,18 @@ class FML(Algorithm):
 
     def init_server(self) -> None:
         self.global_meme = self.new_meme()
-        self.work_meme = self.new_meme()  # the sampled client's copy during its local training
+        # Spare working memes (a client's copy of M during its local training). The first is built, as it
+        # always was, so the run's RNG draws stay those of earlier versions; take_meme copies any more.
+        self.spare_memes = [self.new_meme()]
+        self.spare_lock = threading.Lock()  # clients may take and give back memes from several threads
+
+    def take_meme(self) -> torch.nn.Module:
+        """A spare working meme, or a new copy of the global meme: a copy draws nothing from the RNG, so runs
+        that need more memes (parallel or batched clients) compute exactly what one meme in turn does."""
+        with self.spare_lock:
+            if self.spare_memes:
+                return self.spare_memes.pop()
+        return copy.deepcopy(self.global_meme)  # the load below overwrites its values
 
     def init_client(self, client) -> None:
         client.state["model"] = self.ctx.build_model(client.arch)
@@ -101,18 +117,23 @@ class FML(Algorithm):
         return state_payload(self.global_meme)
 
     def client_update(self, client, payload: Payload, round_index: int):
-        private, meme = client.state["model"].train(), self.work_meme.train()
-        load_payload(meme, payload)
-        hp = self.hp
+        private, meme = client.state["model"].train(), self.take_meme().train()
+        try:
+            load_payload(meme, payload)
+            hp = self.hp
 
-        def loss_fn(x, y):
-            loss_p, loss_m = mutual_losses(private(x), meme(x), y, hp.alpha, hp.beta, hp.detach_teacher,
-                                           hp.kl_reduction)
-            return loss_p + loss_m  # one backward: each model's gradient of the losses that reach it
+            def loss_fn(x, y):
+                loss_p, loss_m = mutual_losses(private(x), meme(x), y, hp.alpha, hp.beta, hp.detach_teacher,
+                                               hp.kl_reduction)
+                return loss_p + loss_m  # one backward: each model's gradient of the losses that reach it
 
-        phase = f"mutual-{hp.meme_arch}" + ("" if hp.detach_teacher else "-undetached")
-        yield Phase(phase, [private, meme], self.ctx.cfg.local_epochs, loss=loss_fn)
-        return state_payload(meme)
+            phase = f"mutual-{hp.meme_arch}" + ("" if hp.detach_teacher else "-undetached")
+            yield Phase(phase, [private, meme], self.ctx.cfg.local_epochs, loss=loss_fn)
+            # A copy: the simulator transmits the upload later, when another client may be training this meme.
+            return {name: tensor.clone() for name, tensor in state_payload(meme).items()}
+        finally:  # also when the update stops early (an error, the generator closed): the meme is free again
+            with self.spare_lock:
+                self.spare_memes.append(meme)
 
     def aggregate(self, uploads: dict[int, Payload], round_index: int) -> None:
         load_payload(self.global_meme, weighted_average(uploads, aggregation_weights(self.ctx, self.hp.aggregation)))

@@ -661,8 +661,9 @@ def explain(results: dict[str, Any], targets: list[dict[str, Any]], batched: dic
     return notes
 
 
-ONE_AT_A_TIME = (": its client updates share algorithm state (FML's working meme) or its models use dropout, so "
-                 "its clients run one after the other and the parallel-clients lever, the largest, does not apply")
+ONE_AT_A_TIME = (": its client updates share algorithm state (a momentum carried from client to client) or its "
+                 "models use dropout, so its clients run one after the other and the parallel-clients lever, the "
+                 "largest, does not apply")
 
 PART_NOTES = {
     "data": "building each training batch on the device: one gather of uint8 images, random crop + flip "

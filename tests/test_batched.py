@@ -176,8 +176,9 @@ def test_batched_rounds_equal_sequential_rounds(simulation, algorithm, group):
 
 
 def test_algorithms_without_a_batched_path_are_unchanged_by_the_option(simulation):
-    """FML's clients share its working meme (batchable_clients = False): with batched_training they still run one
-    after the other, with the same batches, so the round's numbers (train_loss included) are the same."""
+    """FML's phase trains two models on its own loss, which is never batched: with batched_training its clients
+    advance in lockstep, each on its own working meme, with the same batches, so the round's numbers
+    (train_loss included) are bitwise the sequential ones."""
     metrics = {}
     for batched in (False, True):
         sim = simulation("fml", batched_training=batched, rounds=1)

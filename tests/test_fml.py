@@ -171,19 +171,54 @@ def test_server_meme_is_the_weighted_mean_of_the_uploads(aggregation):
         assert torch.equal(down[name], tensor)
 
 
-def test_batched_training_still_trains_the_clients_one_after_the_other():
-    """Every client trains the one working meme in turn (batchable_clients = False): with batched_training
-    the round is the sequential one, model by model (in lockstep each client would start from the meme the
-    previous one is still training)."""
-    sims = {batched: make_sim(batched_training=batched) for batched in (False, True)}
-    uploads = {batched: captured_round(sim) for batched, sim in sims.items()}
-    assert len(uploads[True]) == 5
-    for cid, up in uploads[False].items():
-        for name, tensor in up.items():
-            assert torch.equal(uploads[True][cid][name], tensor), (cid, name)
-    for seq, bat in zip(sims[False].clients, sims[True].clients):
-        for name, tensor in params_of(seq.state["model"]).items():
-            assert torch.equal(params_of(bat.state["model"])[name], tensor), (seq.id, name)
+def test_upload_is_not_changed_by_the_next_client_training_the_same_meme():
+    """The upload is a copy: the simulator transmits it after the update, and with clients in parallel threads
+    another client may by then be training the working meme it came from."""
+    sim = make_sim(lr=0.05)
+    first, second = sim.clients[0], sim.clients[1]
+    upload, _ = client_update(sim, first, sim.algo.server_payload(first, 0), 0)
+    kept = {name: tensor.clone() for name, tensor in upload.items()}
+    client_update(sim, second, sim.algo.server_payload(second, 0), 0)
+    assert len(sim.algo.spare_memes) == 1  # one after the other: the second client trained the same meme
+    trained = state_payload(sim.algo.spare_memes[0])
+    assert not torch.equal(trained["header.weight"], kept["header.weight"])
+    for name, tensor in kept.items():
+        assert torch.equal(upload[name], tensor), name
+
+
+def run_rounds(**overrides) -> tuple:
+    sim = make_sim(threads=1, **overrides)
+    history = [sim.initial_metrics()] + [sim.run_round(r) for r in range(2)]
+    for metrics in history:
+        metrics.pop("round_time"), metrics.pop("cum_round_time")
+    return sim, history, torch.get_rng_state()  # Simulation seeds torch's global RNG: its draws since then
+
+
+@pytest.mark.parametrize("lever", [{"parallel_clients": 2}, {"batched_training": True}])
+def test_parallel_and_batched_clients_give_the_sequential_run_bitwise(lever):
+    """Each client update takes its own working meme (a copy of the global one when none is spare): clients in
+    threads or in lockstep compute bitwise what one client after the other does (in lockstep a shared meme
+    would be trained by every client in turn, each starting from the previous one's)."""
+    seq, seq_history, seq_rng = run_rounds(parallel_clients=1)
+    other, other_history, other_rng = run_rounds(**lever)
+    assert torch.equal(other_rng, seq_rng)  # extra memes are copies: building one would draw from the RNG
+    assert len(seq.algo.spare_memes) == 1  # one after the other: one meme for every client
+    if "parallel_clients" in lever:
+        assert other.pool.workers == 2 and 1 <= len(other.algo.spare_memes) <= 2
+    else:
+        assert len(other.algo.spare_memes) == 5  # all five sampled clients at once
+    assert other_history == seq_history
+    for a, b in zip(seq.clients, other.clients):
+        for name, tensor in params_of(a.state["model"]).items():
+            assert torch.equal(params_of(b.state["model"])[name], tensor), (a.id, name)
+    for name, tensor in state_payload(seq.algo.global_meme).items():
+        assert torch.equal(state_payload(other.algo.global_meme)[name], tensor), name
+
+
+def test_checkpoint_holds_the_global_meme_only():
+    sim = make_sim()
+    sim.run_round(0)
+    assert set(sim.algo.state_dict()) == {"global_meme"}
 
 
 def test_profiles_select_the_reference_options():
@@ -242,7 +277,7 @@ def test_prediction_is_the_private_model_only():
     with torch.no_grad():
         before = sim.algo.predict(client, x)
         torch.testing.assert_close(before, client.state["model"](x))
-        for meme in (sim.algo.global_meme, sim.algo.work_meme):
+        for meme in (sim.algo.global_meme, *sim.algo.spare_memes):
             for p in meme.parameters():
                 p.add_(1.0)
         torch.testing.assert_close(sim.algo.predict(client, x), before)

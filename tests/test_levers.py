@@ -41,9 +41,9 @@ def test_parallel_clients_equal_sequential_bitwise(algorithm):
     one client after the other on one thread."""
     sequential, seq_history, seq_states = run(algorithm, parallel_clients=1)
     parallel, par_history, par_states = run(algorithm, parallel_clients=2)
-    if algorithm in ("pfedlora", "feddistill", "fedkd", "lgfedavg", "fedgh", "fedapen", "standalone"):
+    if algorithm in ("pfedlora", "feddistill", "fml", "fedkd", "lgfedavg", "fedgh", "fedapen", "standalone"):
         assert parallel.pool.workers == 2  # the paper's methods on CNNs do run in parallel
-    if algorithm in ("fml", "flora", "fedsalora"):  # a shared working meme; LoRA dropout (global RNG)
+    if algorithm in ("flora", "fedsalora"):  # LoRA dropout (torch's global RNG)
         assert parallel.pool.workers == 1
     for before, after in zip(seq_history, par_history):
         before, after = dict(before), dict(after)

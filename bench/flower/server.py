@@ -17,7 +17,7 @@ What travels besides the algorithm's payloads (reported apart, never in bytes_up
 - the algorithm's server state, where client code reads it: with every evaluation when the prediction uses
   server state that no post-aggregation broadcast has given the clients (FedAvg's global model), and to and
   from every client update when the algorithm declares that its client updates share algorithm state
-  (`batchable_clients = False`: pFedLoRA's shared momentum; FML's working meme, which each download overwrites),
+  (`batchable_clients = False`: pFedLoRA's shared momentum),
   all of state_dict() or only the attributes it names in `shared_client_state` (`flower_state_bytes`)."""
 from __future__ import annotations
 
@@ -201,7 +201,7 @@ class RemoteState(dict):
 def server_state(algo: Any, sharing: str) -> dict[str, Any]:
     """The algorithm state that travels with a message: everything state_dict() holds, or for client updates
     only the attributes the algorithm names in `shared_client_state` when it declares it (e.g. pFedLoRA's
-    ("adapter_momentum",); () for FML, whose working meme each download overwrites: then nothing travels)."""
+    ("adapter_momentum",); () when each download overwrites the shared state: then nothing travels)."""
     state = algo.state_dict()
     names = getattr(algo, "shared_client_state", None) if sharing == "update" else None
     return state if names is None else {name: state[name] for name in names if name in state}
