@@ -222,7 +222,7 @@ def flops_lines(flops: dict[str, Any], results: dict[str, Any] | None = None) ->
     """The grid's FLOPs, and the rate the one-hour target needs beside the rates measured (when there are)."""
     lines = ["## Compute of the full T1 grid", "",
              "FLOPs per round as the harness counts them (training E=10, evaluation, server), per (method, setting);"
-             " achieved TFLOP/s = those FLOPs / the measured s/round above.", "",
+             " achieved TFLOP/s = those FLOPs / the measured s/round (one run at a time).", "",
              "| method | setting | TFLOP/round | achieved TFLOP/s |", "|---|---|---|---|"]
     for key, cell in flops["cells"].items():
         m, n = key.split(" ")
@@ -231,8 +231,13 @@ def flops_lines(flops: dict[str, Any], results: dict[str, Any] | None = None) ->
         lines.append(f"| {m} | {n} | {sum(cell.values()) / 1e12:.2f} | {rate} |")
     lines += ["", f"Whole grid ({len(flops['methods'])} methods x 2 datasets x 3 settings x 3 seeds x 500 rounds, CIFAR-100 counted as "
               f"CIFAR-10): {flops['total_flops']:.3g} FLOPs, so one GPU-hour needs {flops['sustained_tflops_for_one_hour']:.0f}"
-              " TFLOP/s sustained, every second of the hour.", ""]
-    return lines
+              " TFLOP/s sustained, every second of the hour."]
+    rates = [sum(cell.values()) / found["seconds_per_round"] / 1e12 for key, cell in flops["cells"].items()
+             if (found := (results or {}).get(key.split(" ")[1], {}).get(key.split(" ")[0]))]
+    if rates:
+        lines.append(f"Measured one run at a time: {min(rates):.2f}-{max(rates):.2f} TFLOP/s, so the one-hour target "
+                     f"needs {flops['sustained_tflops_for_one_hour'] / max(rates):.0f}x the best of them.")
+    return lines + [""]
 
 
 def write(out: Path, report: dict[str, Any]) -> None:
@@ -287,7 +292,9 @@ def write_flops(out: Path, flops: dict[str, Any], measured: Path | None) -> None
     out.mkdir(parents=True, exist_ok=True)
     (out / "t1-grid-flops.json").write_text(json.dumps(flops, indent=1))
     source = f" (measured s/round: {measured})" if measured else ""
-    text = "\n".join([f"# FLOPs of the full T1 grid{source}", ""] + flops_lines(flops, results))
+    command = "python -m benchmarks.gpu --flops" + (f" --results {measured}" if measured else "")
+    text = "\n".join([f"# FLOPs of the full T1 grid{source}", "", f"Command: `{command}` (FLOPs do not depend on the "
+                      "device: counted on a CPU).", ""] + flops_lines(flops, results))
     (out / "t1-grid-flops.md").write_text(text)
     print(text)
 
