@@ -1,14 +1,15 @@
 """The up-front time estimate: a few real steps of each algorithm's actual run, scaled to the whole run.
 
 For each algorithm, the run's own Simulation is built (same config, hyper-parameters, data and first seed)
-and the local updates of one round's sampled clients (at most CLIENTS of them) run twice through the
-simulator's own path, so that clients trained together or in parallel cost what they cost in the run, with
-every phase cut to STEPS batches: the first pass warms up (and counts the FLOPs of new step shapes, as the
-run's first round does), the second is timed, and a third with every phase cut to 2 x STEPS batches gives
-the cost of one more batch (the wall time spent in phases, overlapping phases of parallel clients counted
-once), without the set-up of a phase's first steps. The third pass is scaled up by that cost to the full
-number of batches; the rest of the updates (downloads, uploads, code between phases) is taken as measured. The round's aggregation and one evaluation of the
-timed clients are timed as well. A resumed run is estimated for its rounds after its checkpoint only.
+and the local updates of one round's sampled clients (at most CLIENTS of them) run three times through the
+simulator's own path, so that clients trained together or in parallel cost what they cost in the run. Every
+phase is cut short: to STEPS batches in the first pass, which warms up (and counts the FLOPs of new step
+shapes, as the run's first round does), to 2 x STEPS and 4 x STEPS in the two timed ones. Their difference
+gives the cost of one more batch without the set-up of a phase's first steps (wall time in phases, those of
+parallel clients overlapping counted once); the last pass is scaled up by it to the full number of batches,
+its rest (downloads, uploads, code between phases) taken as measured. The round's aggregation and one
+evaluation of the timed clients are timed as well. A resumed run is estimated for its rounds after its
+checkpoint only.
 Rough by design: `bench run` prints the measured time per round from round 1 on, and its "ETA all"
 rescales this estimate by how far off it was on the runs so far (bench/progress.py)."""
 from __future__ import annotations
@@ -148,10 +149,12 @@ def full_updates_seconds(short: Pass, long: Pass, full_batches: int) -> float:
     """The updates' seconds with every phase run to its `full_batches` in all, from two cut passes (`long` takes
     more batches per phase): a batch costs the difference of their phase times per extra batch, since a
     phase's first steps also pay its set-up (optimizer state, gradients), which scaling one pass up would
-    count once per batch; the long pass's time outside the phases is kept as measured."""
+    count once per batch; the long pass's time outside the phases is kept as measured. Noise may make the
+    difference exceed the long pass's plain average, which includes the set-up: that average then."""
+    average = long.phase_seconds / max(long.batches, 1)  # set-up included: an upper bound of a batch's cost
     per_batch = (long.phase_seconds - short.phase_seconds) / max(long.batches - short.batches, 1)
-    if per_batch <= 0:  # timing noise on a tiny pass: the plain average instead
-        per_batch = long.phase_seconds / max(long.batches, 1)
+    if not 0 < per_batch < average:  # timing noise on short passes (a difference amplifies it)
+        per_batch = average
     return long.seconds + per_batch * (full_batches - long.batches)
 
 
@@ -183,7 +186,7 @@ def time_run(cfg: RunConfig, spec: Any, data: DeviceData, splits: list[ClientSpl
     share = cfg.clients_per_round / len(sampled)  # per round: the clients timed stand for all sampled
     passes = {}
     with sim.pool.threads():  # as run_round: the thread settings of the run's client pool
-        for name, steps in (("warm-up", STEPS), ("short", STEPS), ("long", 2 * STEPS)):
+        for name, steps in (("warm-up", STEPS), ("short", 2 * STEPS), ("long", 4 * STEPS)):
             watch.seconds = 0.0
             capped.full = capped.taken = 0
             capped.steps = steps
