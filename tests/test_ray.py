@@ -210,39 +210,29 @@ def test_missing_ray_is_a_one_line_error(small_npz, tmp_path, monkeypatch, capsy
     assert code == 2 and "pip install 'mhpfl-bench[ray]'" in err, err
 
 
-def answers(uri: str, server, deadline: float) -> bool:
-    """Whether the server at `uri` answers /health before `deadline` (False as soon as it has exited)."""
-    while server.poll() is None and time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2)
-            return True
-        except OSError:
-            time.sleep(0.5)
-    return False
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
     """A real `mlflow server` on a free local port (about 10-20 s to start), started as `bench ui` starts it
-    (one worker, no job runner, own process group, stopped whole). On a loaded CI machine one start in
-    many never answered (its log said it listened): a second start, on a new port, is tried before failing."""
+    (one worker, no job runner, its own process group, stopped whole)."""
     from bench.ui import start_server, stop_server
 
-    for attempt in (1, 2):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        log_path = tmp_path / f"server-{attempt}.log"
-        with open(log_path, "w") as log:
-            server = start_server(f"sqlite:///{tmp_path / 'server.db'}", port, stdout=log, stderr=subprocess.STDOUT)
-        uri = f"http://127.0.0.1:{port}"
-        if answers(uri, server, time.monotonic() + 150):  # a loaded CI machine starts it slowly
-            break
-        stop_server(server)
-        if attempt == 2:
-            pytest.fail(f"mlflow server did not answer twice (exit code {server.poll()}); its log ends:\n"
-                        f"{log_path.read_text()[-2000:]}")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with open(tmp_path / "server.log", "w") as log:
+        server = start_server(f"sqlite:///{tmp_path / 'server.db'}", port, stdout=log, stderr=subprocess.STDOUT)
+    uri = f"http://127.0.0.1:{port}"
     try:
+        deadline = time.monotonic() + 300  # a loaded CI machine (tests in parallel) starts it slowly
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2)
+                break
+            except OSError as err:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"mlflow server did not answer (exit code {server.poll()}; last error {err!r}); its "
+                                f"log ends:\n{(tmp_path / 'server.log').read_text()[-2000:]}")
+                time.sleep(0.5)
         yield uri
     finally:
         stop_server(server)

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +109,9 @@ def test_bad_input_is_one_line_exit_2(args, message, data_dir, tmp_path, monkeyp
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
     for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):  # offline: downloads fail at once
         monkeypatch.setenv(var, "http://127.0.0.1:9")
+    # urlopen keeps the opener (with these proxies) it builds on first use: without this, every later urlopen of
+    # this process, 127.0.0.1 included, would go to the dead proxy (the tracking-server fixtures' "never answers")
+    monkeypatch.setattr(urllib.request, "_opener", None)
     fill = lambda text: text.replace("{d}", str(data_dir)).replace("{o}", str(out))  # noqa: E731
     args = [fill(a) for a in args]
     if args[0] == "run":
