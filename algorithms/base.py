@@ -230,6 +230,21 @@ def check_aggregation(algo_name: str, mode: str) -> None:
         raise UserError(f"{algo_name}.aggregation must be one of {', '.join(AGGREGATIONS)}, got {mode!r}")
 
 
+KL_REDUCTIONS = ("batchmean", "mean")
+
+
+def kl_to(student_logits: torch.Tensor, teacher_logits: torch.Tensor, detach: bool = True,
+          reduction: str = "batchmean") -> torch.Tensor:
+    """KL(softmax(teacher) || softmax(student)), the distillation term of FML, FedKD and FedAPEN; with
+    `detach` the gradient flows into the student only. reduction "batchmean": summed over classes, mean over
+    the batch (the true KL); "mean": over batch x classes (torch's KLDivLoss() default), i.e. / classes."""
+    teacher = F.softmax(teacher_logits, dim=1)
+    kl = F.kl_div(F.log_softmax(student_logits, dim=1), teacher.detach() if detach else teacher,
+                  reduction="batchmean")
+    # "mean" written out: torch warns that its own "mean" will turn into "batchmean"
+    return kl / student_logits.shape[1] if reduction == "mean" else kl
+
+
 def state_payload(module: torch.nn.Module, prefix: str = "") -> Payload:
     """A module's parameters and buffers as a payload (the simulator copies it on transmission)."""
     return {prefix + name: tensor for name, tensor in module.state_dict().items()}

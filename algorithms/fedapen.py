@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from algorithms.base import (Algorithm, Payload, Phase, aggregation_weights, check_aggregation, load_payload, state_payload,
-                             weighted_average)
+from algorithms.base import (Algorithm, Payload, Phase, aggregation_weights, check_aggregation, kl_to, load_payload,
+                             state_payload, weighted_average)
 from bench.errors import UserError
 from models.groups import ARCHITECTURES
 
@@ -112,13 +112,10 @@ class FedAPEN(Algorithm):
         lam = client.state["lambda"].detach()
         mix = self.hp.mix
 
-        def kl(logits, target_logits):
-            return F.kl_div(F.log_softmax(logits, 1), F.softmax(target_logits.detach(), 1), reduction="batchmean")
-
         def loss(x, y):
             p, s = private(x), shared(x)
-            loss_p = F.cross_entropy(p, y) + kl(p, s) + mixture_loss(p, s.detach(), lam, y, mix)
-            loss_s = F.cross_entropy(s, y) + kl(s, p) + mixture_loss(p.detach(), s, lam, y, mix)
+            loss_p = F.cross_entropy(p, y) + kl_to(p, s) + mixture_loss(p, s.detach(), lam, y, mix)
+            loss_s = F.cross_entropy(s, y) + kl_to(s, p) + mixture_loss(p.detach(), s, lam, y, mix)
             return loss_p + loss_s
 
         return loss

@@ -54,7 +54,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from algorithms.base import Algorithm, Payload, Phase, aggregation_weights, check_aggregation, weighted_average
+from algorithms.base import (KL_REDUCTIONS, Algorithm, Payload, Phase, aggregation_weights, check_aggregation, kl_to,
+                             weighted_average)
 from bench.accounting import EXTRA_FLOP_FORMULAS, payload_bytes
 from bench.errors import UserError
 from models.groups import ARCHITECTURES
@@ -181,7 +182,7 @@ class FedKDHyperparams:
             raise UserError(f"fedkd.mentee_arch must be one of {', '.join(ARCHITECTURES)}, got {self.mentee_arch!r}")
         if not (0 < self.energy_start <= 1 and 0 < self.energy_end <= 1):
             raise UserError(f"fedkd.energy_start/energy_end must be in (0, 1], got {self.energy_start}, {self.energy_end}")
-        if self.kl_reduction not in ("batchmean", "mean"):
+        if self.kl_reduction not in KL_REDUCTIONS:
             raise UserError(f"fedkd.kl_reduction must be 'batchmean' or 'mean', got {self.kl_reduction!r}")
         if self.divisor_floor < 0:
             raise UserError(f"fedkd.divisor_floor must be >= 0, got {self.divisor_floor}")
@@ -281,9 +282,8 @@ class FedKD(Algorithm):
         hp = self.hp
         other = (lambda t: t.detach()) if hp.detach_targets else (lambda t: t)
 
-        def kl(log_input, target_logits):  # "mean" by hand: torch deprecates its own (to become batchmean)
-            total = F.kl_div(log_input, F.softmax(target_logits, dim=1), reduction="sum")
-            return total / (len(log_input) if hp.kl_reduction == "batchmean" else log_input.numel())
+        def kl(student, teacher):
+            return kl_to(student, teacher, hp.detach_targets, hp.kl_reduction)
 
         def divisor(own, theirs):
             d = (own + other(theirs)).clamp_min(hp.divisor_floor)
@@ -294,8 +294,8 @@ class FedKD(Algorithm):
             h_s = mentee.extractor(x)
             z_t, z_s = mentor.header(h_t), mentee.header(h_s)
             ce_t, ce_s = F.cross_entropy(z_t, y), F.cross_entropy(z_s, y)
-            loss_t = ce_t + (kl(F.log_softmax(z_t, 1), other(z_s)) + F.mse_loss(h_t, w(other(h_s)))) / divisor(ce_t, ce_s)
-            loss_s = ce_s + (kl(F.log_softmax(z_s, 1), other(z_t)) + F.mse_loss(other(h_t), w(h_s))) / divisor(ce_s, ce_t)
+            loss_t = ce_t + (kl(z_t, z_s) + F.mse_loss(h_t, w(other(h_s)))) / divisor(ce_t, ce_s)
+            loss_s = ce_s + (kl(z_s, z_t) + F.mse_loss(other(h_t), w(h_s))) / divisor(ce_s, ce_t)
             return loss_t + loss_s
 
         return loss

@@ -29,13 +29,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from algorithms.base import (Algorithm, Payload, Phase, aggregation_weights, check_aggregation, load_payload,
-                             state_payload, weighted_average)
+from algorithms.base import (KL_REDUCTIONS, Algorithm, Payload, Phase, aggregation_weights, check_aggregation,
+                             kl_to, load_payload, state_payload, weighted_average)
 from bench.errors import UserError
 from models.groups import ARCHITECTURES
-
-KL_REDUCTIONS = ("batchmean", "mean")
-
 
 @dataclass
 class FMLHyperparams:
@@ -60,16 +57,6 @@ class FMLHyperparams:
         check_aggregation("fml", self.aggregation)
         if self.kl_reduction not in KL_REDUCTIONS:
             raise UserError(f"fml.kl_reduction must be one of {', '.join(KL_REDUCTIONS)}, got {self.kl_reduction!r}")
-
-
-def kl_to(student_logits: torch.Tensor, teacher_logits: torch.Tensor, detach: bool = True,
-          reduction: str = "batchmean") -> torch.Tensor:
-    """KL(softmax(teacher) || softmax(student)); with `detach` the gradient flows into the student only."""
-    teacher = F.softmax(teacher_logits, dim=1)
-    kl = F.kl_div(F.log_softmax(student_logits, dim=1), teacher.detach() if detach else teacher,
-                  reduction="batchmean")
-    # "mean" written out: torch warns that its own "mean" will turn into "batchmean"
-    return kl / student_logits.shape[1] if reduction == "mean" else kl
 
 
 def mutual_losses(p: torch.Tensor, m: torch.Tensor, y: torch.Tensor, alpha: float, beta: float,

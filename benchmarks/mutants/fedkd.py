@@ -3,6 +3,7 @@ from benchmarks.mutation_check import Mutation
 
 F = "algorithms/fedkd.py"
 T = ("tests/test_fedkd.py",)
+KL = "return kl_to(student, teacher, hp.detach_targets, hp.kl_reduction)"
 
 
 def m(name: str, old: str, new: str) -> Mutation:
@@ -12,15 +13,15 @@ def m(name: str, old: str, new: str) -> Mutation:
 MUTATIONS = [
     # ---- the loss ----
     m("drop the KL term of the mentor's loss",
-      "loss_t = ce_t + (kl(F.log_softmax(z_t, 1), other(z_s)) + F.mse_loss",
+      "loss_t = ce_t + (kl(z_t, z_s) + F.mse_loss",
       "loss_t = ce_t + (0 + F.mse_loss"),
     m("drop the KL term of the mentee's loss",
-      "loss_s = ce_s + (kl(F.log_softmax(z_s, 1), other(z_t)) + F.mse_loss",
+      "loss_s = ce_s + (kl(z_s, z_t) + F.mse_loss",
       "loss_s = ce_s + (0 + F.mse_loss"),
     m("drop both KL terms",
       "            return loss_t + loss_s",
-      "            loss_t = loss_t - kl(F.log_softmax(z_t, 1), other(z_s)) / divisor(ce_t, ce_s)\n"
-      "            loss_s = loss_s - kl(F.log_softmax(z_s, 1), other(z_t)) / divisor(ce_s, ce_t)\n"
+      "            loss_t = loss_t - kl(z_t, z_s) / divisor(ce_t, ce_s)\n"
+      "            loss_s = loss_s - kl(z_s, z_t) / divisor(ce_s, ce_t)\n"
       "            return loss_t + loss_s"),
     m("drop the hidden-state MSE of the mentor's loss",
       "+ F.mse_loss(h_t, w(other(h_s)))) / divisor(ce_t, ce_s)",
@@ -31,7 +32,7 @@ MUTATIONS = [
     m("MSE without the map W",
       "F.mse_loss(h_t, w(other(h_s)))", "F.mse_loss(h_t, other(h_s))"),
     m("KL direction swapped in the mentor's loss (p_T as the target)",
-      "kl(F.log_softmax(z_t, 1), other(z_s))", "kl(F.log_softmax(other(z_s), 1), z_t)"),
+      "loss_t = ce_t + (kl(z_t, z_s)", "loss_t = ce_t + (kl(z_s, z_t)"),
     m("divisor replaced by 1",
       "            d = (own + other(theirs)).clamp_min(hp.divisor_floor)",
       "            d = torch.ones_like(own)"),
@@ -50,8 +51,9 @@ MUTATIONS = [
     m("targets always detached",
       "other = (lambda t: t.detach()) if hp.detach_targets else (lambda t: t)",
       "other = lambda t: t.detach()"),
-    m("KL reduction fixed to batchmean",
-      'if hp.kl_reduction == "batchmean" else', "if True else"),
+    m("KL reduction fixed to batchmean", KL, KL.replace("hp.kl_reduction)", '"batchmean")')),
+    m("KL targets never detached (detach_targets ignored)", KL, KL.replace("hp.detach_targets", "False")),
+    m("KL targets always detached", KL, KL.replace("hp.detach_targets", "True")),
     m("W not trained",
       'trainable = [client.state[key] for key in ("model", "mentee", "W") if key in client.state]',
       'trainable = [client.state[key] for key in ("model", "mentee") if key in client.state]'),

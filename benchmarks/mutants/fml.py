@@ -5,8 +5,11 @@ FILE, TESTS = "algorithms/fml.py", ("tests/test_fml.py",)
 UPLOAD = "{name: tensor.clone() for name, tensor in state_payload(meme).items()}"
 
 
-def m(name: str, old: str, new: str) -> Mutation:
-    return Mutation(name=f"fml: {name}", file=FILE, old=old, new=new, tests=TESTS)
+def m(name: str, old: str, new: str, file: str = FILE) -> Mutation:
+    return Mutation(name=f"fml: {name}", file=file, old=old, new=new, tests=TESTS)
+
+
+KL_FILE = "algorithms/base.py"  # kl_to, shared with FedKD and FedAPEN
 
 
 MUTATIONS = [
@@ -19,11 +22,12 @@ MUTATIONS = [
     m("KL in the reverse direction (KL(student || teacher))",
       "kl = F.kl_div(F.log_softmax(student_logits, dim=1), teacher.detach() if detach else teacher,",
       "kl = F.kl_div(F.log_softmax(teacher_logits.detach() if detach else teacher_logits, dim=1), "
-      "F.softmax(student_logits, dim=1),"),
-    m("KL reduction sum instead of batchmean", 'reduction="batchmean")\n', 'reduction="sum")\n'),
-    m("KL reduction mean (batch x classes) by default", 'if reduction == "mean" else kl', "if True else kl"),
-    m("teacher not detached", "teacher.detach() if detach else teacher", "teacher"),
-    m("teacher always detached (option ignored)", "teacher.detach() if detach else teacher", "teacher.detach()"),
+      "F.softmax(student_logits, dim=1),", KL_FILE),
+    m("KL reduction sum instead of batchmean", 'reduction="batchmean")\n', 'reduction="sum")\n', KL_FILE),
+    m("KL reduction mean (batch x classes) by default", 'if reduction == "mean" else kl', "if True else kl", KL_FILE),
+    m("teacher not detached", "teacher.detach() if detach else teacher", "teacher", KL_FILE),
+    m("teacher always detached (option ignored)", "teacher.detach() if detach else teacher", "teacher.detach()",
+      KL_FILE),
     m("subtract L_M from L_P", "return loss_p + loss_m", "return loss_p - loss_m"),
     m("skip loading the downloaded meme", "            load_payload(meme, payload)\n", ""),
     m("upload the downloaded meme, not the trained one", UPLOAD, "dict(payload)"),
