@@ -136,6 +136,7 @@ def time_method(method: str, clients: int, participation: float, device: torch.d
             metrics = sim.run_round(r)
             sync(device)
             times.append(time.perf_counter() - start)
+    flops = sum(metrics[k] for k in ("train_flops", "eval_flops", "server_flops"))
     return {"method": method, "clients": clients, "participation": participation, "batched": batched,
             "build_seconds": build, "warmup_round_seconds": warm, "seconds_per_round": statistics.median(times),
             "rounds_timed": len(times), "gpu_utilisation_percent": sampler.mean_utilisation,
@@ -143,9 +144,7 @@ def time_method(method: str, clients: int, participation: float, device: torch.d
             "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
             "train_samples_per_round": sum(len(splits[c].train) for c in range(clients)) * participation
             * sizes["local_epochs"], "acc_mean": metrics.get("acc_mean"),
-            "flops_per_round": sum(metrics[k] for k in ("train_flops", "eval_flops", "server_flops")),
-            "achieved_tflops": sum(metrics[k] for k in ("train_flops", "eval_flops", "server_flops"))
-            / statistics.median(times) / 1e12}
+            "flops_per_round": flops, "achieved_tflops": flops / statistics.median(times) / 1e12}
 
 
 def concurrent_runs(method: str, k: int, rounds: int, device: torch.device, tiny: bool) -> dict[str, Any]:
@@ -224,16 +223,16 @@ def flops_lines(flops: dict[str, Any], results: dict[str, Any] | None = None) ->
              "FLOPs per round as the harness counts them (training E=10, evaluation, server), per (method, setting);"
              " achieved TFLOP/s = those FLOPs / the measured s/round (one run at a time).", "",
              "| method | setting | TFLOP/round | achieved TFLOP/s |", "|---|---|---|---|"]
+    rates = []
     for key, cell in flops["cells"].items():
         m, n = key.split(" ")
         found = (results or {}).get(n, {}).get(m)
-        rate = f"{sum(cell.values()) / found['seconds_per_round'] / 1e12:.2f}" if found else "-"
-        lines.append(f"| {m} | {n} | {sum(cell.values()) / 1e12:.2f} | {rate} |")
+        if found:
+            rates.append(sum(cell.values()) / found["seconds_per_round"] / 1e12)
+        lines.append(f"| {m} | {n} | {sum(cell.values()) / 1e12:.2f} | {f'{rates[-1]:.2f}' if found else '-'} |")
     lines += ["", f"Whole grid ({len(flops['methods'])} methods x 2 datasets x 3 settings x 3 seeds x 500 rounds, CIFAR-100 counted as "
               f"CIFAR-10): {flops['total_flops']:.3g} FLOPs, so one GPU-hour needs {flops['sustained_tflops_for_one_hour']:.0f}"
               " TFLOP/s sustained, every second of the hour."]
-    rates = [sum(cell.values()) / found["seconds_per_round"] / 1e12 for key, cell in flops["cells"].items()
-             if (found := (results or {}).get(key.split(" ")[1], {}).get(key.split(" ")[0]))]
     if rates:
         lines.append(f"Measured one run at a time: {min(rates):.2f}-{max(rates):.2f} TFLOP/s, so the one-hour target "
                      f"needs {flops['sustained_tflops_for_one_hour'] / max(rates):.0f}x the best of them.")
